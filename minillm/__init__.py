@@ -1,0 +1,1 @@
+"""minillm: a small, readable LLM inference engine, built from scratch for a course."""

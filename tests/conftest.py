@@ -1,0 +1,38 @@
+"""Shared test setup: Triton runs in its CPU interpreter when there is no GPU, and the real model loads once."""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    # Must happen before anything imports triton.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def smollm():
+    """The real embedded model (SmolLM2-135M-Instruct), fp32 on CPU, and its tokenizer."""
+    import minillm
+
+    return minillm.load_model("smollm2-135m", device="cpu", dtype=torch.float32)
+
+
+@pytest.fixture
+def tiny_model():
+    """A small random Llama (seeded) for fast unit tests."""
+    from minillm.config import ModelConfig
+    from minillm.model import Transformer
+
+    torch.manual_seed(0)
+    return Transformer(ModelConfig.tiny()).eval()
