@@ -156,6 +156,15 @@ def check_kernel_support(D: int, dtype: torch.dtype) -> None:
         raise TypeError(f"flash attention supports dtypes {DTYPES}, got {dtype}")
 
 
+def interpreter_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the kernel runs in: bf16 becomes fp32 under the CPU interpreter.
+
+    Triton's interpreter evaluates tl.dot with numpy, which has no bf16, and returns garbage for bf16 tiles; so the
+    interpreted kernel sees fp32 copies (the algorithm is still tested on CPU; bf16 numerics are tested on a GPU).
+    """
+    return torch.float32 if dtype == torch.bfloat16 and is_interpreter() else dtype
+
+
 def kernel_config(max_T: int, D: int, dtype: torch.dtype, block_m: int | None, block_n: int | None) -> dict:
     """Hand-picked tile sizes (no autotuning yet): big tiles on a GPU, where T is short (decode) smaller Q tiles."""
     for name, value in (("block_m", block_m), ("block_n", block_n)):
@@ -197,20 +206,22 @@ def flash_attention(
         return flash_attention_ref(q, k, v, causal=causal, scale=scale)
     if scale is None:
         scale = D**-0.5
-    o = torch.empty_like(q)
     if B * H * T == 0:
-        return o
-    cfg = kernel_config(T, D, q.dtype, block_m, block_n)
+        return torch.empty_like(q)
+    run_dtype = interpreter_dtype(q.dtype)
+    q_in, k, v = q.to(run_dtype), k.to(run_dtype), v.to(run_dtype)  # no-ops unless bf16 under the interpreter
+    o = torch.empty_like(q_in)
+    cfg = kernel_config(T, D, run_dtype, block_m, block_n)
     grid = (triton.cdiv(T, cfg["BLOCK_M"]), B * H)
     _flash_attention_fwd_kernel[grid](
-        q, k, v, o, None, None,
+        q_in, k, v, o, None, None,
         T, S, H, scale * LOG2E,
-        *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+        *q_in.stride(), *k.stride(), *v.stride(), *o.stride(),
         NUM_GROUPS=H // Hkv, D=D, CAUSAL=causal, IS_VARLEN=False,
-        INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        INPUT_PRECISION="ieee" if run_dtype == torch.float32 else "tf32",
         **cfg,
     )
-    return o
+    return o.to(q.dtype)
 
 
 def flash_attention_ref(

@@ -19,6 +19,7 @@ from minillm.attention.flash import (
     LOG2E,
     _flash_attention_fwd_kernel,
     check_kernel_support,
+    interpreter_dtype,
     kernel_config,
 )
 from minillm.attention.reference import attention_ref
@@ -97,25 +98,28 @@ def flash_attention_varlen(
         )
     if scale is None:
         scale = D**-0.5
-    o = torch.empty_like(q)
     num_seqs = cu_seqlens_q.numel() - 1
     if q.shape[0] * H == 0 or max_seqlen_q == 0:
-        return o
-    cfg = kernel_config(max_seqlen_q, D, q.dtype, block_m, block_n)
+        return torch.zeros_like(q)
+    run_dtype = interpreter_dtype(q.dtype)
+    q_in, k, v = q.to(run_dtype), k.to(run_dtype), v.to(run_dtype)  # no-ops unless bf16 under the interpreter
+    # Zeros, not empty: tokens outside every sequence (if the lengths do not cover Nq) are never written.
+    o = torch.zeros_like(q_in)
+    cfg = kernel_config(max_seqlen_q, D, run_dtype, block_m, block_n)
     grid = (triton.cdiv(max_seqlen_q, cfg["BLOCK_M"]), num_seqs * H)
     # Packed layout (N, heads, D): no batch stride; the token stride moves along the packed axis.
     _flash_attention_fwd_kernel[grid](
-        q, k, v, o, cu_seqlens_q, cu_seqlens_k,
+        q_in, k, v, o, cu_seqlens_q, cu_seqlens_k,
         0, 0, H, scale * LOG2E,
-        0, q.stride(1), q.stride(0), q.stride(2),
+        0, q_in.stride(1), q_in.stride(0), q_in.stride(2),
         0, k.stride(1), k.stride(0), k.stride(2),
         0, v.stride(1), v.stride(0), v.stride(2),
         0, o.stride(1), o.stride(0), o.stride(2),
         NUM_GROUPS=H // k.shape[1], D=D, CAUSAL=causal, IS_VARLEN=True,
-        INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        INPUT_PRECISION="ieee" if run_dtype == torch.float32 else "tf32",
         **cfg,
     )
-    return o
+    return o.to(q.dtype)
 
 
 def flash_attention_varlen_ref(
