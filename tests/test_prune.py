@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 from torch import nn
+from transformers import BatchEncoding
 
 from minillm.config import ModelConfig
 from minillm.model import Transformer
@@ -21,6 +22,7 @@ from minillm.prune import (
     prune_mlp_channels,
     prune_model,
     row_mask,
+    sensitivity_scan,
     sparsity_report,
     to_semi_structured,
     wanda_score,
@@ -206,8 +208,8 @@ def test_wanda_needs_calibration_or_tokenizer(tiny_model):
 class _CharTokenizer:
     """Stands in for a transformers tokenizer: one token per byte."""
 
-    def __call__(self, text, return_tensors, add_special_tokens):
-        return {"input_ids": torch.tensor([list(text.encode())])}
+    def __call__(self, text, return_tensors="pt", add_special_tokens=True):
+        return BatchEncoding({"input_ids": torch.tensor([list(text.encode())])})
 
 
 def test_calibration_batch_from_text():
@@ -222,6 +224,20 @@ def test_to_semi_structured_is_a_no_op_on_cpu(tiny_model):
     prune_model(tiny_model, "magnitude", 0.5, pattern="2:4")
     assert to_semi_structured(tiny_model) == []
     assert model_sparsity(tiny_model) == 0.5
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda"])
+def test_sensitivity_scan_restores_model(tiny_model, method):
+    before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    text = "The quick brown fox jumps over the lazy dog. " * 8
+    df = sensitivity_scan(tiny_model, _CharTokenizer(), method=method, sparsity=0.5, text=text, max_tokens=64,
+                          window=64, calibration=text, num_calibration_tokens=128, progress=False)
+    assert list(df.columns) == ["layer", "group", "perplexity", "delta"]
+    assert df[["layer", "group"]].values.tolist() == [[0, "self_attn"], [0, "mlp"], [1, "self_attn"], [1, "mlp"]]
+    assert (df.perplexity > 0).all() and (df.delta != 0).all()
+    assert all(torch.equal(before[k], v) for k, v in tiny_model.state_dict().items())
+    with pytest.raises(ValueError, match="matches no linear"):
+        sensitivity_scan(tiny_model, _CharTokenizer(), groups=("attn",), text=text, progress=False)
 
 
 def _greedy(model, ids, steps):

@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from minillm.eval import load_calibration_text
+
 DEFAULT_CALIBRATION_TOKENS = 4096  # the paper uses 128 x 2048 tokens; a few thousand already rank channels well
 DEFAULT_CALIBRATION_SEQ_LEN = 128
 
@@ -85,14 +87,14 @@ def calibration_batch(
 ) -> torch.Tensor:
     """Tokenize calibration text into a (B, seq_len) batch of ``num_tokens // seq_len`` full sequences.
 
-    `text=None` uses the packaged offline corpus (``minillm.eval``). Raises ValueError if the text is too short.
+    `text=None` uses the calibration text shipped with minillm (``minillm.eval.load_calibration_text``, distinct from
+    the evaluation text, so perplexity is not measured on the tokens the pruning saw). Raises ValueError if the text
+    is too short.
     """
     if num_tokens < seq_len or seq_len <= 0:
         raise ValueError(f"need num_tokens >= seq_len > 0, got num_tokens={num_tokens}, seq_len={seq_len}")
     if text is None:
-        from minillm.eval import load_text
-
-        text = load_text()
+        text = load_calibration_text()
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
     num_seqs = num_tokens // seq_len
     if ids.numel() < num_seqs * seq_len:
