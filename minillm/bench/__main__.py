@@ -1,0 +1,75 @@
+"""``python -m minillm.bench <topic> [args]``: run one benchmark, or ``all`` of them.
+
+A topic is a module ``minillm/bench/<topic>.py`` that defines ``main(argv: list[str]) -> None``; it is found here
+without being registered. Every topic accepts at least ``--out DIR`` and ``--device`` (see
+``common.make_parser``) and writes ``<topic>-<device>.json`` and ``.png`` into ``benchmarks/results/``, so
+``all --out DIR`` passes the same arguments to each topic in course order.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import sys
+import traceback
+from types import ModuleType
+
+import minillm.bench
+
+# Course order for `all` and `--help`; topics not listed here follow in alphabetical order.
+COURSE_ORDER = ("roofline", "attention", "kvcache", "paged", "engine", "quant", "prune")
+NOT_TOPICS = {"common"}
+
+
+def find_topics() -> dict[str, ModuleType]:
+    """Modules of minillm.bench that define main(argv), in course order."""
+    names = [
+        m.name
+        for m in pkgutil.iter_modules(minillm.bench.__path__)
+        if not m.name.startswith("_") and m.name not in NOT_TOPICS
+    ]
+    names.sort(key=lambda n: (COURSE_ORDER.index(n) if n in COURSE_ORDER else len(COURSE_ORDER), n))
+    modules = {n: importlib.import_module(f"minillm.bench.{n}") for n in names}
+    return {n: m for n, m in modules.items() if callable(getattr(m, "main", None))}
+
+
+def usage(topics: dict[str, ModuleType]) -> str:
+    lines = ["usage: python -m minillm.bench <topic> [--out DIR] [--device DEVICE] [topic options]", "", "topics:"]
+    for name, module in topics.items():
+        summary = (module.__doc__ or "").strip().splitlines()
+        lines.append(f"  {name:<10} {summary[0] if summary else ''}")
+    lines.append(f"  {'all':<10} every topic above, in this order, with the same arguments")
+    lines.append("")
+    lines.append("`python -m minillm.bench <topic> --help` lists that topic's options.")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    topics = find_topics()
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage(topics))
+        return 0 if argv else 2
+    topic, rest = argv[0], argv[1:]
+    if topic == "all":
+        failed = []
+        for name, module in topics.items():
+            print(f"== {name} ==", flush=True)
+            try:
+                module.main(list(rest))
+            except Exception:  # keep going: one broken benchmark should not hide the others' results
+                traceback.print_exc()
+                failed.append(name)
+        if failed:
+            print(f"failed: {', '.join(failed)}", file=sys.stderr)
+            return 1
+        return 0
+    if topic not in topics:
+        print(f"unknown topic {topic!r}; available: {', '.join(topics) or 'none yet'}, all", file=sys.stderr)
+        return 2
+    topics[topic].main(rest)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

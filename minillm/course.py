@@ -1,0 +1,325 @@
+"""Solutions -> exercises: build the exercise notebooks, check they are in sync, grade a learner's notebook.
+
+``python -m minillm.course build``        write exercises/NN_*.ipynb from every solutions/NN_*.ipynb
+``python -m minillm.course check``        exit 1, listing the exercise files that are missing or out of date
+``python -m minillm.course grade NB``     splice the learner's answers into a pristine exercise and run nbval on it
+
+The conventions, in solutions/NN_topic.ipynb (the source of truth; exercises/ is generated, never edited):
+
+- An **exercise cell** is a code cell whose top comment line (anywhere before its first marker) reads
+  ``# Exercise N.M: title``, where N is the notebook's number NN and M counts exercises within it. The learner's
+  part sits between a line ``### BEGIN SOLUTION`` and a line ``### END SOLUTION`` (a cell may hold several such
+  regions; they do not nest). In the exercise, each region, markers included, becomes, at the indentation of its
+  ``### BEGIN SOLUTION`` line::
+
+      # YOUR CODE HERE
+      raise NotImplementedError("Exercise N.M: title")
+
+  The exercise cell's outputs are cleared and it carries ``metadata.minillm.exercise = "N.M"`` and the tag
+  ``nbval-ignore-output`` (whatever the learner's cell prints is not compared).
+- A **check cell** starts with ``# NBVAL_CHECK_OUTPUT`` and calls ``minillm.grading.check_<name>(fn)``, which prints
+  ``Exercise N.M passed: k/k checks`` or raises. Every cell other than exercise cells keeps its stored outputs, so a
+  check cell in the exercise still holds the solution's verdict line that nbval compares against.
+- The exercise opens with a markdown cell saying which solution it was generated from.
+
+The build is deterministic (same bytes for the same solution): nbformat's JSON (sorted keys, one-space indent),
+cell ids kept from the solution, a trailing newline. ``grade`` trusts nothing the learner saved except the
+source of their exercise cells, matched by ``metadata.minillm.exercise`` or, failing that, by the
+``# Exercise N.M:`` line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import nbformat
+
+BEGIN_SOLUTION = "### BEGIN SOLUTION"
+END_SOLUTION = "### END SOLUTION"
+EXERCISE_HEADER = re.compile(r"^\s*#\s*Exercise\s+(\d+)\.(\d+):\s*(\S.*?)\s*$")
+NOTEBOOK_NAME = re.compile(r"^(\d\d)_\w+\.ipynb$")
+NOTE_CELL_ID = "minillm-generated-note"
+IGNORE_OUTPUT_TAG = "nbval-ignore-output"
+NOTEBOOK_TIMEOUT_S = 600
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+# A failed check's AssertionError (its first two lines: which check, what went wrong) in nbval's report.
+VERDICT_LINE = re.compile(r"^AssertionError: (Exercise \d+\.\d+ [^\n]*(?:\n[^\n]+)?)", re.MULTILINE)
+
+
+class CourseError(ValueError):
+    """A solution notebook breaks the exercise conventions (see the module docstring)."""
+
+
+def default_root() -> Path:
+    """The course checkout: the folder above this package when it holds solutions/, else the working directory."""
+    package_parent = Path(__file__).resolve().parents[1]
+    return package_parent if (package_parent / "solutions").is_dir() else Path.cwd()
+
+
+def exercise_header(source: str) -> tuple[str, str] | None:
+    """("N.M", title) from the first `# Exercise N.M: title` line before any solution marker, else None."""
+    for line in source.splitlines():
+        if line.strip() == BEGIN_SOLUTION:
+            return None
+        match = EXERCISE_HEADER.match(line)
+        if match:
+            return f"{int(match[1])}.{int(match[2])}", match[3]
+    return None
+
+
+def stub_source(source: str, number: str, title: str, where: str = "cell") -> str:
+    """Replace every BEGIN/END SOLUTION region of `source` by a NotImplementedError at the region's indentation."""
+    message = json.dumps(f"Exercise {number}: {title}", ensure_ascii=False)  # a valid Python string literal
+    out: list[str] = []
+    indent: str | None = None  # indentation of the open region's BEGIN line; None outside a region
+    for line in source.splitlines():
+        marker = line.strip()
+        if marker == BEGIN_SOLUTION:
+            if indent is not None:
+                raise CourseError(f"{where}: nested {BEGIN_SOLUTION!r}")
+            indent = line[: len(line) - len(line.lstrip())]
+            out += [f"{indent}# YOUR CODE HERE", f"{indent}raise NotImplementedError({message})"]
+        elif marker == END_SOLUTION:
+            if indent is None:
+                raise CourseError(f"{where}: {END_SOLUTION!r} without a {BEGIN_SOLUTION!r} before it")
+            indent = None
+        elif indent is None:
+            out.append(line)
+    if indent is not None:
+        raise CourseError(f"{where}: {BEGIN_SOLUTION!r} without a matching {END_SOLUTION!r}")
+    return "\n".join(out) + ("\n" if source.endswith("\n") else "")
+
+
+def read_notebook(path: Path) -> nbformat.NotebookNode:
+    # Not nbformat.read: its validation fills missing cell ids with random ones, which would break determinism.
+    return nbformat.v4.reads(Path(path).read_text(encoding="utf-8"))
+
+
+def render(nb: nbformat.NotebookNode) -> str:
+    """The notebook as the bytes Jupyter would save: nbformat's JSON (sorted keys) plus a trailing newline."""
+    return nbformat.writes(nb) + "\n"
+
+
+def exercise_cells(nb: nbformat.NotebookNode) -> dict[str, int]:
+    """Exercise number "N.M" -> cell index, for a built exercise notebook."""
+    return {
+        cell.metadata["minillm"]["exercise"]: i
+        for i, cell in enumerate(nb.cells)
+        if "exercise" in cell.metadata.get("minillm", {})
+    }
+
+
+def build_exercise(solution: nbformat.NotebookNode, solution_name: str) -> nbformat.NotebookNode:
+    """The exercise notebook for `solution` (named `solution_name`, e.g. "01_llm_from_scratch.ipynb")."""
+    name_match = NOTEBOOK_NAME.match(solution_name)
+    if not name_match:
+        raise CourseError(f"solutions/{solution_name}: expected a name like NN_topic.ipynb")
+    chapter = int(name_match[1])
+    nb = copy.deepcopy(solution)
+    has_ids = (nb.nbformat, nb.nbformat_minor) >= (4, 5)
+    seen: set[str] = set()
+    for i, cell in enumerate(nb.cells):
+        if has_ids and "id" not in cell:
+            cell["id"] = f"cell-{i}"  # deterministic, unlike nbformat's random fill-in
+        if cell.cell_type != "code" or BEGIN_SOLUTION not in cell.source:
+            continue
+        where = f"solutions/{solution_name} cell {i}"
+        header = exercise_header(cell.source)
+        if header is None:
+            raise CourseError(f"{where}: a solution region needs a '# Exercise N.M: title' line above it")
+        number, title = header
+        if int(number.split(".")[0]) != chapter:
+            raise CourseError(f"{where}: Exercise {number} in notebook {name_match[1]}: expected {chapter}.M")
+        if number in seen:
+            raise CourseError(f"{where}: Exercise {number} appears twice")
+        seen.add(number)
+        cell.source = stub_source(cell.source, number, title, where)
+        cell.outputs = []
+        cell.execution_count = None
+        cell.metadata.setdefault("minillm", {})["exercise"] = number
+        tags = cell.metadata.setdefault("tags", [])
+        if IGNORE_OUTPUT_TAG not in tags:
+            tags.append(IGNORE_OUTPUT_TAG)
+    note = nbformat.v4.new_markdown_cell(
+        f"> Generated from `solutions/{solution_name}` by `python -m minillm.course build`: in the repository, edit "
+        f"the solution and rebuild; do not edit this file.\n>\n"
+        f"> Fill in each cell marked `# Exercise N.M: ...` by replacing its `raise NotImplementedError(...)` line, "
+        f"then run the notebook from the top. Each check cell prints `Exercise N.M passed: k/k checks` or raises "
+        f"an error naming what failed. Grade the whole notebook with "
+        f"`python -m minillm.course grade exercises/{solution_name}`."
+    )
+    if has_ids:
+        note["id"] = NOTE_CELL_ID
+    else:
+        del note["id"]
+    nb.cells.insert(0, note)
+    return nb
+
+
+def _expected_exercises(root: Path) -> dict[Path, str]:
+    """exercises/X.ipynb -> its text, for every solutions/NN_*.ipynb under `root`."""
+    expected = {}
+    for solution_path in sorted((root / "solutions").glob("[0-9][0-9]_*.ipynb")):
+        nb = build_exercise(read_notebook(solution_path), solution_path.name)
+        expected[root / "exercises" / solution_path.name] = render(nb)
+    return expected
+
+
+def _is_generated(path: Path) -> bool:
+    cells = read_notebook(path).cells
+    return bool(cells) and "by `python -m minillm.course build`" in cells[0].source
+
+
+def build(root: Path | None = None) -> list[Path]:
+    """Write every exercise whose text changed, remove generated exercises whose solution is gone; return them."""
+    root = Path(root or default_root())
+    expected = _expected_exercises(root)
+    changed = []
+    (root / "exercises").mkdir(exist_ok=True)
+    for path, text in expected.items():
+        if not path.exists() or path.read_text(encoding="utf-8") != text:
+            path.write_text(text, encoding="utf-8")
+            changed.append(path)
+    for path in sorted((root / "exercises").glob("*.ipynb")):
+        if path not in expected and _is_generated(path):
+            path.unlink()
+            changed.append(path)
+    return changed
+
+
+def check(root: Path | None = None) -> list[str]:
+    """Problems that `build` would fix: exercises missing, out of date, or left over from a removed solution."""
+    root = Path(root or default_root())
+    expected = _expected_exercises(root)
+    problems = []
+    for path, text in expected.items():
+        rel = path.relative_to(root)
+        if not path.exists():
+            problems.append(f"{rel}: missing")
+        elif path.read_text(encoding="utf-8") != text:
+            problems.append(f"{rel}: out of sync with solutions/{path.name}")
+    for path in sorted((root / "exercises").glob("*.ipynb")):
+        if path not in expected:
+            problems.append(f"{path.relative_to(root)}: no solutions/{path.name}")
+    return problems
+
+
+def nbval_env() -> dict[str, str]:
+    """Environment for a notebook run: this minillm importable, no GUI backend, Triton's interpreter without CUDA."""
+    import torch  # lazy: build and check do not need it
+
+    env = dict(os.environ)
+    package_parent = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent, env.get("PYTHONPATH")) if p)
+    env["MPLBACKEND"] = "Agg"
+    if not torch.cuda.is_available():
+        env.setdefault("TRITON_INTERPRET", "1")
+    return env
+
+
+def nbval_command(notebook: Path, root: Path, lax: bool = False) -> list[str]:
+    """pytest + nbval on one notebook: `lax` compares only # NBVAL_CHECK_OUTPUT cells (lecture notebooks)."""
+    return [
+        sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+        "--nbval-lax" if lax else "--nbval", "--nbval-current-env",
+        "--nbval-sanitize-with", str(root / "tests" / "nbval_sanitize.cfg"),
+        "--nbval-cell-timeout", str(NOTEBOOK_TIMEOUT_S),
+        str(notebook),
+    ]  # fmt: skip
+
+
+def run_nbval(notebook: Path, root: Path, lax: bool = False, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run `notebook` under nbval in a subprocess; stdout and stderr are captured together in .stdout."""
+    return subprocess.run(
+        nbval_command(notebook, root, lax),
+        cwd=cwd or root,
+        env=nbval_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=NOTEBOOK_TIMEOUT_S,
+    )
+
+
+def splice_answers(pristine: nbformat.NotebookNode, learner: nbformat.NotebookNode) -> list[str]:
+    """Copy the source of each of the learner's exercise cells into `pristine`; return the exercises not found."""
+    missing = []
+    for number, i in exercise_cells(pristine).items():
+        candidates = [c for c in learner.cells if c.get("metadata", {}).get("minillm", {}).get("exercise") == number]
+        candidates += [
+            c for c in learner.cells if c.cell_type == "code" and (exercise_header(c.source) or ("",))[0] == number
+        ]
+        if not candidates:
+            missing.append(number)
+            continue
+        pristine.cells[i].source = candidates[0].source
+    return missing
+
+
+def grade(notebook: Path, root: Path | None = None) -> int:
+    """Grade the learner's `notebook` against a pristine exercise; print the nbval report and a verdict; 0 = pass."""
+    root = Path(root or default_root())
+    notebook = Path(notebook)
+    solution_path = root / "solutions" / notebook.name
+    if not solution_path.exists():
+        raise CourseError(f"no solution {solution_path} to grade {notebook} against")
+    pristine = build_exercise(read_notebook(solution_path), solution_path.name)
+    missing = splice_answers(pristine, read_notebook(notebook))
+    if missing:
+        print(
+            f"FAIL {notebook.name}: no answer cell for Exercise {', '.join(missing)} "
+            f"(keep the '# Exercise N.M: ...' line at the top of each answer cell)"
+        )
+        return 1
+    with tempfile.TemporaryDirectory(prefix="minillm-grade-") as tmp:
+        graded = Path(tmp) / notebook.name
+        graded.write_text(render(pristine), encoding="utf-8")
+        result = run_nbval(graded, root, cwd=Path(tmp))
+    print(result.stdout.replace(tmp, "<graded>"), end="")
+    numbers = ", ".join(exercise_cells(pristine))
+    if result.returncode == 0:
+        print(f"PASS {notebook.name}: every cell ran and matched the solution (exercises {numbers})")
+    else:
+        print(f"FAIL {notebook.name}: see the failed cells above (exercises {numbers})")
+        plain = ANSI_ESCAPE.sub("", result.stdout)
+        for line in dict.fromkeys(m[1] for m in VERDICT_LINE.finditer(plain)):  # unique, in order
+            print("  " + line.replace("\n", "\n    "))
+    return result.returncode
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m minillm.course", description=__doc__.splitlines()[0])
+    parser.add_argument("--root", type=Path, default=None, help="course checkout (default: this one)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("build", help="write exercises/ from solutions/")
+    commands.add_parser("check", help="exit 1 if exercises/ is out of sync with solutions/")
+    grade_parser = commands.add_parser("grade", help="grade an exercise notebook with nbval")
+    grade_parser.add_argument("notebook", type=Path)
+    args = parser.parse_args(argv)
+    root = args.root or default_root()
+    if args.command == "build":
+        for path in build(root):
+            print(f"{'wrote' if path.exists() else 'removed'} {path.relative_to(root)}")
+        return 0
+    if args.command == "check":
+        problems = check(root)
+        for problem in problems:
+            print(problem)
+        if problems:
+            print("run `python -m minillm.course build` (or `make exercises`) to fix", file=sys.stderr)
+            return 1
+        print(f"exercises in sync with solutions ({len(_expected_exercises(root))} notebooks)")
+        return 0
+    return grade(args.notebook, root)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

