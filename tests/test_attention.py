@@ -27,7 +27,6 @@ from minillm.attention import (
     repeat_kv,
 )
 from minillm.attention import flash as flash_module
-from minillm.attention import varlen as varlen_module
 from minillm.attention.online import TILE_FULL, TILE_MASKED, TILE_SKIPPED, causal_tile_map
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
@@ -236,7 +235,6 @@ def test_flash_attention_varlen_matches_reference(dtype):
 
 def test_fallback_without_triton_gives_reference_results(monkeypatch):
     monkeypatch.setattr(flash_module, "triton_available", lambda device: False)
-    monkeypatch.setattr(varlen_module, "triton_available", lambda device: False)
     q, k, v = make_qkv(1, 4, 2, 9, 12, 16)
     assert torch.equal(flash_attention(q, k, v), attention_ref(q, k, v))
     cu_q, cu_k = pack_lengths([4, 5]), pack_lengths([6, 6])

@@ -148,6 +148,15 @@ if HAS_TRITON:
             tl.store(o_ptrs, acc.to(o_ptr.dtype.element_ty), mask=offs_m[:, None] < T)
 
 
+def can_launch(device: torch.device) -> bool:
+    """Can the kernel run on `device`? Triton must work there, and on CPU the kernel must have been defined under
+    the interpreter: TRITON_INTERPRET is read when `@triton.jit` runs (at import), so setting it after `import minillm`
+    leaves a compiled kernel that cannot take CPU tensors; then the torch reference runs instead."""
+    if not triton_available(device):
+        return False
+    return device.type == "cuda" or not isinstance(_flash_attention_fwd_kernel, triton.runtime.JITFunction)
+
+
 def check_kernel_support(D: int, dtype: torch.dtype) -> None:
     """Raise unless the kernel handles this head dim and dtype."""
     if D not in HEAD_DIMS:
@@ -196,13 +205,14 @@ def flash_attention(
 
     H % Hkv == 0 (GQA without copying K/V); D in HEAD_DIMS; fp16, bf16 or fp32; any T and S. causal is bottom-right
     aligned (query i sees keys j <= i + S - T). scale defaults to 1 / sqrt(D). block_m, block_n override the tile
-    sizes (powers of two >= 16). Where Triton cannot run on q's device, falls back to `attention_ref`.
+    sizes (powers of two >= 16). Where the kernel cannot run on q's device (`can_launch`), falls back to
+    `attention_ref`.
     """
     check_attention_inputs(q, k, v)
     B, H, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     check_kernel_support(D, q.dtype)
-    if not triton_available(q.device):
+    if not can_launch(q.device):
         return flash_attention_ref(q, k, v, causal=causal, scale=scale)
     if scale is None:
         scale = D**-0.5

@@ -14,10 +14,11 @@ in `flash.py` with IS_VARLEN=True. Notebook 02_attention introduces it; the engi
 
 import torch
 
-from minillm._triton import triton, triton_available
+from minillm._triton import triton
 from minillm.attention.flash import (
     LOG2E,
     _flash_attention_fwd_kernel,
+    can_launch,
     check_kernel_support,
     interpreter_dtype,
     kernel_config,
@@ -92,7 +93,7 @@ def flash_attention_varlen(
     check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     H, D = q.shape[1], q.shape[2]
     check_kernel_support(D, q.dtype)
-    if not triton_available(q.device):
+    if not can_launch(q.device):
         return flash_attention_varlen_ref(
             q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal, scale=scale
         )
