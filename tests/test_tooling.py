@@ -39,12 +39,13 @@ def fake_topics(monkeypatch, tmp_path):
     for name in ("fake_a", "fake_b"):
         (tmp_path / f"{name}.py").write_text(f'"""Benchmark {name}, for the test."""\n\ndef main(argv):\n    pass\n')
     (tmp_path / "fake_helpers.py").write_text('"""Not a topic: no main."""\n')
+    (tmp_path / "fake_broken.py").write_text("import minillm.no_such_module\n\ndef main(argv):\n    pass\n")
     package = sys.modules["minillm.bench"]
     monkeypatch.setattr(package, "__path__", [*package.__path__, str(tmp_path)])
     monkeypatch.setattr(bench_cli, "COURSE_ORDER", ("fake_b",))
     calls = []
     yield calls
-    for name in ("fake_a", "fake_b", "fake_helpers"):
+    for name in ("fake_a", "fake_b", "fake_helpers", "fake_broken"):
         sys.modules.pop(f"minillm.bench.{name}", None)
 
 
@@ -55,6 +56,7 @@ def test_bench_dispatcher(fake_topics, capsys):
     assert bench_cli.main(["--help"]) == 0
     out = capsys.readouterr().out
     assert "fake_a     Benchmark fake_a, for the test." in out and "all" in out
+    assert "fake_broken (cannot import: ModuleNotFoundError" in out, "a broken topic is reported, not fatal"
     assert bench_cli.main(["nope"]) == 2
     assert "unknown topic 'nope'" in capsys.readouterr().err
 
@@ -65,10 +67,11 @@ def test_bench_all_runs_every_topic_and_reports_failures(fake_topics, monkeypatc
     def broken(argv):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(bench_cli, "find_topics", lambda: {**fakes, "broken": types.SimpleNamespace(main=broken)})
+    topics = {**fakes, "broken": types.SimpleNamespace(main=broken), "unimportable": ImportError("no eval")}
+    monkeypatch.setattr(bench_cli, "find_topics", lambda: topics)
     assert bench_cli.main(["all", "--out", "x"]) == 1
     assert fake_topics == [("a", ["--out", "x"]), ("b", ["--out", "x"])]
-    assert "failed: broken" in capsys.readouterr().err
+    assert "failed: broken, unimportable" in capsys.readouterr().err
 
 
 def test_time_fn_on_cpu():
