@@ -83,6 +83,10 @@ class ModelConfig:
                 f"unsupported architecture {archs or hf.get('model_type')!r}; "
                 f"minillm runs {sorted(SUPPORTED_HF_ARCHITECTURES)}"
             )
+        # transformers 5 writes `rope_parameters` (theta and scaling together); older configs `rope_theta` + `rope_scaling`.
+        rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+        rope_theta = hf.get("rope_theta") or rope.get("rope_theta", 10000.0)
+        rope_scaling = rope if rope.get("rope_type", rope.get("type", "default")) != "default" else None
         eos = hf.get("eos_token_id")
         eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
         return cls(
@@ -94,8 +98,8 @@ class ModelConfig:
             num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
             head_dim=hf.get("head_dim"),
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-            rope_theta=hf.get("rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
-            rope_scaling=hf.get("rope_scaling"),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
             max_position_embeddings=hf.get("max_position_embeddings", 2048),
             tie_word_embeddings=hf.get("tie_word_embeddings", False),
             attention_bias=hf.get("attention_bias", SUPPORTED_HF_ARCHITECTURES[arch] == "qwen2"),

@@ -36,3 +36,14 @@ def tiny_model():
 
     torch.manual_seed(0)
     return Transformer(ModelConfig.tiny()).eval()
+
+
+@pytest.fixture(scope="session")
+def hf_smollm():
+    """transformers' own LlamaForCausalLM built from the same GGUF file: the parity reference."""
+    from transformers import AutoModelForCausalLM
+
+    from minillm.loading import embedded_gguf_path
+
+    path = embedded_gguf_path("smollm2-135m")
+    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
