@@ -8,6 +8,7 @@ Public API (stable names, used by the notebooks, the exercises and outside check
     minillm.doctor()
 """
 
+from minillm.doctor import doctor
 from minillm.engine.llm import LLM
 from minillm.engine.request import RequestOutput
 from minillm.engine.sampling import SamplingParams
@@ -16,9 +17,3 @@ from minillm.loading import load_model
 __all__ = ["LLM", "RequestOutput", "SamplingParams", "doctor", "load_model"]
 __version__ = "0.1.0"
 
-
-def doctor() -> dict:
-    """Print and return what this machine offers minillm (device, dtype, Triton, versions)."""
-    from minillm.doctor import doctor as _doctor
-
-    return _doctor()
