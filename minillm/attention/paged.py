@@ -24,6 +24,8 @@ import torch
 
 from minillm._triton import HAS_TRITON, tl, triton, triton_available
 
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # others (float64) take the reference
+
 if HAS_TRITON:
 
     @triton.jit
@@ -183,9 +185,10 @@ def paged_decode_attention_ref(
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     k = k_cache[block_tables.long()].reshape(b, -1, hkv, d)  # (B, max_blocks * BS, Hkv, D): the gather
     v = v_cache[block_tables.long()].reshape(b, -1, hkv, d)
-    k = k.repeat_interleave(h // hkv, dim=2).float()  # (B, S, H, D): query head j reads KV head j // (H / Hkv)
-    v = v.repeat_interleave(h // hkv, dim=2).float()
-    scores = torch.einsum("bhd,bshd->bhs", q.float(), k) * scale  # (B, H, S)
+    acc_dtype = torch.promote_types(q.dtype, torch.float32)  # softmax in at least fp32
+    k = k.repeat_interleave(h // hkv, dim=2).to(acc_dtype)  # (B, S, H, D): query head j reads KV head j // (H / Hkv)
+    v = v.repeat_interleave(h // hkv, dim=2).to(acc_dtype)
+    scores = torch.einsum("bhd,bshd->bhs", q.to(acc_dtype), k) * scale  # (B, H, S)
     positions = torch.arange(k.shape[1], device=q.device)
     scores = scores.masked_fill(positions[None, None, :] >= context_lens[:, None, None], float("-inf"))
     return torch.einsum("bhs,bshd->bhd", scores.softmax(dim=-1), v).to(q.dtype)
@@ -209,13 +212,16 @@ def paged_decode_attention(
     max_context_len: int | None = None,
     num_splits: int | None = None,
 ) -> torch.Tensor:
-    """Triton paged decode attention; same contract as ``paged_decode_attention_ref`` (which it falls back to).
+    """Triton paged decode attention; same contract as ``paged_decode_attention_ref``.
+
+    Falls back to the reference where Triton cannot run (CPU without ``TRITON_INTERPRET=1``, no triton) and for
+    dtypes outside ``KERNEL_DTYPES``.
 
     ``max_context_len`` (an upper bound on context_lens) sizes the split-K grid; None reads it from the tensor (a
     device sync). ``num_splits`` forces the split count (1 = no split-K); None picks one from the GPU's SM count.
     """
     _check(q, k_cache, v_cache, block_tables, context_lens)
-    if not triton_available(q.device):
+    if not triton_available(q.device) or q.dtype not in KERNEL_DTYPES:
         return paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale)
     b, h, d = q.shape
     bs, hkv = k_cache.shape[1], k_cache.shape[2]
