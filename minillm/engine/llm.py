@@ -94,6 +94,10 @@ class LLM:
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         if kv_cache == "none":
             return RecomputeEngine(self.model, options["max_num_seqs"], pad_token_id=pad)
+        if kv_cache == "contiguous":
+            from minillm.engine.contiguous import ContiguousEngine
+
+            return ContiguousEngine(self.model, options["max_num_seqs"], pad, self.attention_backend)
         raise ValueError(f"kv_cache={kv_cache!r} is not available in this version; use 'none'")
 
     # -- prompts -------------------------------------------------------------------------------------------------
