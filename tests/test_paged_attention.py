@@ -124,3 +124,13 @@ def test_kernel_real_sizes_gpu(dtype):
     q, k_cache, v_cache, tables, lens = random_paged(8, 9, 3, 64, 16, 4000, dtype, device="cuda")
     out = paged_decode_attention(q, k_cache, v_cache, tables, lens)
     torch.testing.assert_close(out, paged_decode_attention_ref(q, k_cache, v_cache, tables, lens), atol=2e-2, rtol=2e-2)
+
+
+def test_bench_builds_the_same_kv_paged_and_contiguous():
+    from minillm.bench.paged import kv_bytes, make_inputs
+
+    q, k, v, k_cache, v_cache, tables, lens = make_inputs(2, 37, 4, 2, 16, 8, torch.float32, torch.device("cpu"))
+    expected = torch.nn.functional.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True)[:, :, 0]
+    torch.testing.assert_close(paged_decode_attention_ref(q, k_cache, v_cache, tables, lens), expected)
+    assert sorted(tables.flatten().tolist()) == list(range(k_cache.shape[0]))  # every block used exactly once
+    assert kv_bytes(2, 37, 2, 16, torch.bfloat16) == 2 * 2 * 37 * 2 * 16 * 2
