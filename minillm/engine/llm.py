@@ -98,6 +98,11 @@ class LLM:
             from minillm.engine.contiguous import ContiguousEngine
 
             return ContiguousEngine(self.model, options["max_num_seqs"], pad, self.attention_backend)
+        if kv_cache == "paged":
+            from minillm.engine.paged import PagedEngine
+
+            return PagedEngine(self.model, attention_backend=self.attention_backend, max_model_len=self.max_model_len,
+                               **options)
         raise ValueError(f"kv_cache={kv_cache!r} is not available in this version; use 'none'")
 
     # -- prompts -------------------------------------------------------------------------------------------------
