@@ -11,7 +11,7 @@ from minillm.kvcache.store import store_kv, store_kv_ref
 
 needs_triton = pytest.mark.skipif(not triton_available("cpu") and not torch.cuda.is_available(), reason="no Triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 
 def random_paged(B, H, Hkv, D, BS, max_len, dtype, seed=0, device=DEVICE):
@@ -44,7 +44,7 @@ def test_reference_matches_contiguous_attention():
 
 
 @needs_triton
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize(
     "B, H, Hkv, D, BS, max_len",
     [
@@ -90,7 +90,7 @@ def test_launcher_errors():
 
 
 @needs_triton
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_store_kernel_matches_reference(dtype):
     g = torch.Generator().manual_seed(0)
     N, NB, BS, Hkv, D = 7, 5, 4, 3, 24

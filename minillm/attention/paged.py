@@ -23,6 +23,7 @@ import math
 import torch
 
 from minillm._triton import HAS_TRITON, tl, triton, triton_available
+from minillm.attention.flash import interpreter_dtype
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # others (float64) take the reference
 
@@ -227,9 +228,16 @@ def paged_decode_attention(
     bs, hkv = k_cache.shape[1], k_cache.shape[2]
     group = h // hkv
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    out = torch.empty_like(q)
     if b == 0:
-        return out
+        return torch.empty_like(q)
+    run_dtype = interpreter_dtype(q.dtype)  # the CPU interpreter's tl.dot has no bf16: run fp32 copies there
+    if run_dtype != q.dtype:
+        out = paged_decode_attention(
+            q.to(run_dtype), k_cache.to(run_dtype), v_cache.to(run_dtype), block_tables, context_lens, scale,
+            max_context_len, num_splits,
+        )
+        return out.to(q.dtype)
+    out = torch.empty_like(q)
     if max_context_len is None:
         max_context_len = int(context_lens.max())
     block_n = 64 if q.element_size() <= 2 else 32  # tokens per tile

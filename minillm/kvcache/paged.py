@@ -7,8 +7,9 @@ of several sequences laid end to end (prefill chunks and single decode tokens, n
 iteration-level batching, OSDI 2022, and Sarathi-Serve's chunked prefill, arXiv:2403.02310). ``PagedBatch`` carries
 that step's metadata explicitly; ``PagedKVCache.attend`` writes the new K/V into their slots, then
   * batches all decode sequences (one query token each) into one ``paged_decode_attention`` call, and
-  * for each prefill chunk gathers its context from the blocks and runs bottom-right causal attention (its T new
-    queries see the S - T cached tokens before them plus the causal part of the chunk).
+  * gathers the contexts of all prefill chunks from the blocks into one packed tensor and runs variable-length
+    causal attention, bottom-right aligned (a chunk's T new queries see the S - T cached tokens before them plus
+    the causal part of the chunk; FlashAttention's varlen interface, arXiv:2307.08691).
 Explained in notebooks/04_paged_attention.ipynb; the engine (notebook 05) builds the batches.
 """
 
@@ -16,8 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from minillm.attention import causal_attention
 from minillm.attention.paged import paged_decode_attention, paged_decode_attention_ref
+from minillm.attention.varlen import flash_attention_varlen, flash_attention_varlen_ref
 from minillm.kvcache.store import store_kv, store_kv_ref
 
 BACKENDS = ("reference", "triton")
@@ -43,6 +44,7 @@ class PagedBatch:
     max_context_len: int
     query_lens_host: list[int] | None = field(default=None, repr=False)
     context_lens_host: list[int] | None = field(default=None, repr=False)
+    _plan: "StepPlan | None" = field(default=None, init=False, repr=False)
 
     @classmethod
     def build(
@@ -79,6 +81,12 @@ class PagedBatch:
             context_lens_host=list(context_lens),
         )
 
+    def plan(self, block_size: int) -> "StepPlan":
+        """Index tensors that split this step into decodes and prefill chunks; built once, reused by every layer."""
+        if self._plan is None or self._plan.block_size != block_size:
+            self._plan = StepPlan.build(self, block_size)
+        return self._plan
+
     @property
     def num_seqs(self) -> int:
         return self.context_lens.shape[0]
@@ -90,6 +98,61 @@ class PagedBatch:
             self.query_lens_host = [b - a for a, b in zip(cu[:-1], cu[1:])]
             self.context_lens_host = self.context_lens.tolist()
         return self.query_lens_host, self.context_lens_host
+
+
+@dataclass
+class StepPlan:
+    """Where the decodes and the prefill chunks of one ``PagedBatch`` sit (device index tensors, None = none).
+
+    decode_rows: (B_dec,) which sequences decode; decode_tokens: their packed rows (None when every token decodes).
+    prefill_tokens: (sum T,) packed rows of the prefill chunks; prefill_slots: (sum S,) pool slots of their whole
+    contexts, sequence after sequence; prefill_cu_q, prefill_cu_k: (P + 1,) int32 cumulative T and S.
+    """
+
+    block_size: int
+    decode_rows: torch.Tensor | None = None
+    decode_tokens: torch.Tensor | None = None
+    decode_max_len: int = 0
+    prefill_tokens: torch.Tensor | None = None
+    prefill_slots: torch.Tensor | None = None
+    prefill_cu_q: torch.Tensor | None = None
+    prefill_cu_k: torch.Tensor | None = None
+    prefill_max_q: int = 0
+    prefill_max_k: int = 0
+
+    @classmethod
+    def build(cls, batch: PagedBatch, block_size: int) -> "StepPlan":
+        query_lens, context_lens = batch.host_lens()
+        device = batch.block_tables.device
+        starts = [0]
+        for t in query_lens:
+            starts.append(starts[-1] + t)
+        plan = cls(block_size)
+        decodes = [i for i, t in enumerate(query_lens) if t == 1]  # a 1-token prefill chunk is a decode too
+        prefills = [i for i, t in enumerate(query_lens) if t > 1]
+        if decodes:
+            plan.decode_rows = torch.tensor(decodes, device=device)
+            if prefills:
+                plan.decode_tokens = torch.tensor([starts[i] for i in decodes], device=device)
+            plan.decode_max_len = max(context_lens[i] for i in decodes)
+        if prefills:
+            tokens = [n for i in prefills for n in range(starts[i], starts[i + 1])]
+            plan.prefill_tokens = torch.tensor(tokens, device=device)
+            cu_q, cu_k = [0], [0]
+            for i in prefills:
+                cu_q.append(cu_q[-1] + query_lens[i])
+                cu_k.append(cu_k[-1] + context_lens[i])
+            plan.prefill_cu_q = torch.tensor(cu_q, dtype=torch.int32, device=device)
+            plan.prefill_cu_k = torch.tensor(cu_k, dtype=torch.int32, device=device)
+            plan.prefill_max_q = max(query_lens[i] for i in prefills)
+            plan.prefill_max_k = max(context_lens[i] for i in prefills)
+            # Slot of position p of prefill sequence j: block_tables[row_j, p // BS] * BS + p % BS, all at once.
+            lens = torch.tensor([context_lens[i] for i in prefills], device=device)
+            seq = torch.repeat_interleave(torch.arange(len(prefills), device=device), lens, output_size=cu_k[-1])
+            pos = torch.arange(cu_k[-1], device=device) - plan.prefill_cu_k[:-1].long()[seq]
+            rows = torch.tensor(prefills, device=device)[seq]
+            plan.prefill_slots = batch.block_tables[rows, pos // block_size].long() * block_size + pos % block_size
+        return plan
 
 
 class PagedKVCache:
@@ -160,37 +223,30 @@ class PagedKVCache:
         store = store_kv if triton else store_kv_ref
         store(k[0].transpose(0, 1), v[0].transpose(0, 1), k_cache, v_cache, batch.slot_mapping)  # (N, Hkv, D)
 
-        query_lens, context_lens = batch.host_lens()
-        starts = [0]
-        for t in query_lens:
-            starts.append(starts[-1] + t)
+        plan = batch.plan(self.block_size)
         out = torch.empty_like(q)
-        decode_rows = [i for i, t in enumerate(query_lens) if t == 1]
-        if decode_rows:
-            if len(decode_rows) == len(query_lens):  # a pure decode step: no reindexing needed
-                q_dec, tables, lens, tokens = q[0].transpose(0, 1), batch.block_tables, batch.context_lens, None
-            else:
-                rows = torch.tensor(decode_rows, device=q.device)
-                tokens = torch.tensor([starts[i] for i in decode_rows], device=q.device)
-                q_dec, tables, lens = q[0, :, tokens].transpose(0, 1), batch.block_tables[rows], batch.context_lens[rows]
+        if plan.decode_rows is not None:  # (B_dec, H, D): one query per sequence, read through the block tables
+            q_dec = q[0].transpose(0, 1) if plan.decode_tokens is None else q[0, :, plan.decode_tokens].transpose(0, 1)
+            tables, lens = batch.block_tables, batch.context_lens
+            if plan.decode_tokens is not None:  # a mixed step: only the decoding sequences' rows
+                tables, lens = tables[plan.decode_rows], lens[plan.decode_rows]
             if triton:
-                max_len = max(context_lens[i] for i in decode_rows)
-                o_dec = paged_decode_attention(q_dec, k_cache, v_cache, tables, lens, max_context_len=max_len)
+                o_dec = paged_decode_attention(q_dec, k_cache, v_cache, tables, lens, max_context_len=plan.decode_max_len)
             else:
-                o_dec = paged_decode_attention_ref(q_dec, k_cache, v_cache, tables, lens)  # (B_dec, H, D)
-            if tokens is None:
+                o_dec = paged_decode_attention_ref(q_dec, k_cache, v_cache, tables, lens)
+            if plan.decode_tokens is None:
                 out[0] = o_dec.transpose(0, 1)
             else:
-                out[0, :, tokens] = o_dec.transpose(0, 1)
-        hkv, d, bs = k.shape[1], k.shape[3], self.block_size
-        for i, t in enumerate(query_lens):
-            if t == 1:
-                continue
-            s = context_lens[i]
-            blocks = batch.block_tables[i, : -(-s // bs)].long()
-            # Gather the context into contiguous (1, Hkv, S, D): the S - T cached tokens, then the T just written.
-            k_ctx = k_cache[blocks].reshape(-1, hkv, d)[:s].transpose(0, 1).unsqueeze(0)
-            v_ctx = v_cache[blocks].reshape(-1, hkv, d)[:s].transpose(0, 1).unsqueeze(0)
-            a = starts[i]
-            out[:, :, a : a + t] = causal_attention(q[:, :, a : a + t], k_ctx, v_ctx, self.attention_backend)
+                out[0, :, plan.decode_tokens] = o_dec.transpose(0, 1)
+        if plan.prefill_tokens is not None:
+            # Gather every prefill chunk's whole context (its cached tokens, then the ones just written) into one
+            # packed (sum S, Hkv, D) tensor, then one variable-length causal attention, bottom-right aligned.
+            k_ctx = k_cache.view(-1, *k_cache.shape[2:])[plan.prefill_slots]
+            v_ctx = v_cache.view(-1, *v_cache.shape[2:])[plan.prefill_slots]
+            q_pre = q[0, :, plan.prefill_tokens].transpose(0, 1).contiguous()  # (sum T, H, D)
+            varlen = flash_attention_varlen if triton else flash_attention_varlen_ref
+            o_pre = varlen(
+                q_pre, k_ctx, v_ctx, plan.prefill_cu_q, plan.prefill_cu_k, plan.prefill_max_q, plan.prefill_max_k
+            )
+            out[0, :, plan.prefill_tokens] = o_pre.transpose(0, 1)
         return out
