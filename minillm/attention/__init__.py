@@ -6,6 +6,7 @@
 import torch
 
 from minillm.attention.flash import flash_attention, flash_attention_ref
+from minillm.attention.paged import paged_decode_attention, paged_decode_attention_ref
 from minillm.attention.online import online_attention, online_softmax_step
 from minillm.attention.reference import attention_probs, attention_ref, causal_mask, repeat_kv
 from minillm.attention.varlen import flash_attention_varlen, flash_attention_varlen_ref
@@ -23,6 +24,8 @@ __all__ = [
     "flash_attention_varlen",
     "flash_attention_varlen_ref",
     "online_attention",
+    "paged_decode_attention",
+    "paged_decode_attention_ref",
     "online_softmax_step",
     "repeat_kv",
 ]
