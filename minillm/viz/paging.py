@@ -1,0 +1,350 @@
+"""Pictures of paged KV memory: where a batch's KV slots go, block tables, and a step-by-step block manager.
+
+In doing so, you will see:
+  * fragmentation: a contiguous cache reserves max_len slots per request up front, so a realistic mix of request
+    lengths leaves most of its memory empty; a paged cache (Kwon et al., PagedAttention, arXiv:2309.06180,
+    section 3 and figure 2) reserves one block of BS slots at a time, so at most BS - 1 slots per request idle;
+  * block tables: each sequence's logical blocks 0, 1, 2, ... point to physical blocks anywhere in the pool;
+  * sharing: prefix caching (full blocks found by their hash chain) and parallel sampling (fork) make several
+    tables point at one block (reference count > 1), and copy-on-write un-shares a block just before a write.
+Every picture is drawn from a real ``minillm.kvcache.blocks.BlockManager``, never from a mock-up.
+Used by notebooks/04_paged_attention.ipynb. Matplotlib only; ``PagingStepper.widget`` also needs ipywidgets.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from minillm.kvcache.blocks import BlockManager
+
+FREE, RESERVED = 0, 1  # memory-map codes; request i is drawn with code i + 2
+
+
+def sample_request_lengths(
+    num_requests: int, max_len: int, seed: int = 0, median: int | None = None, sigma: float = 0.9
+) -> list[int]:
+    """Total lengths (prompt + output) of ``num_requests`` requests, log-normal and clipped to [1, max_len].
+
+    Chat traces (ShareGPT, LMSYS-Chat) have heavy-tailed lengths with a median of a few hundred tokens; a log-normal
+    with median ``max_len / 8`` (default) and sigma 0.9 has that shape. Seeded: the same list on every machine.
+    """
+    if num_requests < 1 or max_len < 1:
+        raise ValueError(f"num_requests and max_len must be positive, got {num_requests} and {max_len}")
+    rng = np.random.default_rng(seed)
+    median = median or max(1, max_len // 8)
+    lengths = rng.lognormal(np.log(median), sigma, num_requests)
+    return [int(n) for n in np.clip(np.round(lengths), 1, max_len)]
+
+
+def request_colors(num: int) -> list:
+    import matplotlib.pyplot as plt
+
+    cmap = plt.get_cmap("tab20" if num > 10 else "tab10")
+    return [cmap(i % cmap.N) for i in range(num)]
+
+
+# ---- memory maps: contiguous vs paged ------------------------------------------------------------------------------
+@dataclass
+class MemoryLayout:
+    """Two maps of the same bytes, one row of ``row_slots`` KV slots per line; codes FREE, RESERVED, or request + 2.
+
+    contiguous: (num_requests, row_slots), request i owns row i. paged: the pool, blocks in physical order, as
+    allocated by a BlockManager growing every request one block at a time (so the requests' blocks interleave).
+    """
+
+    lengths: list[int]
+    max_len: int
+    block_size: int
+    contiguous: np.ndarray
+    paged: np.ndarray
+    block_tables: list[list[int]]
+
+    @property
+    def contiguous_waste(self) -> float:
+        """Reserved-but-unfilled slots over reserved slots."""
+        return float((self.contiguous == RESERVED).mean())
+
+    @property
+    def paged_waste(self) -> float:
+        reserved = int((self.paged != FREE).sum())
+        return float((self.paged == RESERVED).sum()) / reserved if reserved else 0.0
+
+    @property
+    def num_blocks_used(self) -> int:
+        return sum(len(t) for t in self.block_tables)
+
+
+def layout_memory(lengths: list[int], max_len: int, block_size: int = 16) -> MemoryLayout:
+    """Lay out requests of ``lengths`` tokens in a contiguous cache (max_len each) and in a paged pool of equal size."""
+    if not lengths or any(n < 1 or n > max_len for n in lengths):
+        raise ValueError(f"lengths must be in [1, max_len={max_len}], got {lengths}")
+    n = len(lengths)
+    row = np.arange(max_len)
+    contiguous = np.where(row[None, :] < np.array(lengths)[:, None], np.arange(n)[:, None] + 2, RESERVED)
+
+    blocks_per_row = -(-max_len // block_size)
+    bm = BlockManager(n * blocks_per_row, block_size, enable_prefix_caching=False)
+    for i in range(n):
+        bm.allocate_prompt(i, [0])
+    for j in range(blocks_per_row):  # every request grows by one block per round: the pool interleaves them
+        for i, length in enumerate(lengths):
+            if length > j * block_size:
+                bm.ensure_capacity(i, min(length, (j + 1) * block_size))
+    slots = np.full(bm.num_blocks * block_size, FREE)
+    tables = [bm.block_table(i) for i in range(n)]
+    for i, (table, length) in enumerate(zip(tables, lengths)):
+        for j, block in enumerate(table):
+            filled = min(block_size, length - j * block_size)
+            slots[block * block_size : (block + 1) * block_size] = RESERVED
+            slots[block * block_size : block * block_size + filled] = i + 2
+    paged = slots.reshape(n, blocks_per_row * block_size)
+    return MemoryLayout(list(lengths), max_len, block_size, contiguous, paged, tables)
+
+
+def draw_memory_maps(layout: MemoryLayout, fig=None):
+    """Contiguous and paged maps side by side: request colors are tokens, gray is reserved-but-empty, white free."""
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+
+    n = len(layout.lengths)
+    cmap = ListedColormap([(1, 1, 1, 1), (0.78, 0.78, 0.78, 1)] + request_colors(n))
+    fig = fig or plt.figure(figsize=(12, 0.28 * n + 1.6))
+    axes = fig.subplots(1, 2)
+    maps = [
+        (layout.contiguous, f"contiguous: each request reserves max_len = {layout.max_len} slots\n"
+         f"waste {100 * layout.contiguous_waste:.1f}% of reserved slots"),
+        (layout.paged, f"paged (BS = {layout.block_size}): {layout.num_blocks_used} of "
+         f"{layout.paged.size // layout.block_size} blocks reserved, white is free for more requests\n"
+         f"waste {100 * layout.paged_waste:.1f}% of reserved slots"),
+    ]
+    for ax, (grid, title) in zip(axes, maps):
+        ax.imshow(grid, cmap=cmap, vmin=0, vmax=n + 1, aspect="auto", interpolation="nearest")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("KV slot within the row")
+        ax.set_yticks([])
+    axes[0].set_ylabel("one row per request")
+    axes[1].set_ylabel("pool, same bytes, rows of blocks")
+    fig.tight_layout()
+    return fig
+
+
+# ---- block tables and the pool -------------------------------------------------------------------------------------
+def block_fill(bm: BlockManager) -> dict[int, int]:
+    """Tokens held by each block some sequence (or the prefix cache) holds, from the sequences' computed counts."""
+    fill = {}
+    for seq_id, table in bm.tables.items():
+        n = bm.num_computed[seq_id]
+        for j, block in enumerate(table):
+            fill[block] = max(fill.get(block, 0), min(bm.block_size, max(0, n - j * bm.block_size)))
+    for block in bm.evictable:
+        fill[block] = bm.block_size  # cached blocks are full by construction
+    return fill
+
+
+def draw_blocks(bm: BlockManager, names: dict[int, str] | None = None, ax=None, title: str = "", cols: int = 8):
+    """Block tables (top) and the physical pool (bottom) of ``bm`` in one axes; returns the axes.
+
+    Pool: each block is split into its BS slots, filled slots in the owner's color (the first table listing it),
+    reserved-but-empty slots light gray; hatched blocks are shared (their reference count is printed); dashed ones
+    are free but still cached (findable by their hash until evicted); plain white ones are free.
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    names = names or {seq_id: str(seq_id) for seq_id in bm.tables}
+    if ax is None:
+        _, ax = plt.subplots(figsize=(0.9 * cols + 2, 0.5 * len(bm.tables) + 0.75 * (bm.num_blocks // cols + 1) + 0.6))
+    seq_ids = sorted(bm.tables, key=lambda s: list(names).index(s) if s in names else len(names) + s)
+    all_ids = list(names)
+    colors = request_colors(max(len(all_ids), 1))
+    color_of = {s: colors[all_ids.index(s) % len(colors)] if s in all_ids else (0.5, 0.5, 0.5, 1) for s in seq_ids}
+    owner = {}
+    for s in seq_ids:
+        for block in bm.tables[s]:
+            owner.setdefault(block, s)
+    fill, bs = block_fill(bm), bm.block_size
+    w, gap = 1.0, 0.18
+    rows = -(-bm.num_blocks // cols)
+    for block in range(bm.num_blocks):
+        x, y = (block % cols) * (w + gap), -(block // cols) * 0.95
+        ref = bm.ref_counts[block]
+        cached = block in bm.evictable
+        if ref:
+            for slot in range(bs):
+                face = color_of[owner[block]] if slot < fill.get(block, 0) else (0.85, 0.85, 0.85, 1)
+                ax.add_patch(Rectangle((x + slot * w / bs, y), w / bs, 0.6, facecolor=face, edgecolor="none"))
+        elif cached:
+            ax.add_patch(Rectangle((x, y), w, 0.6, facecolor=(0.93, 0.93, 0.93, 1), edgecolor="none"))
+        edge = dict(linestyle="--", edgecolor="gray") if cached else dict(edgecolor="black")
+        ax.add_patch(Rectangle((x, y), w, 0.6, fill=False, hatch="///" if ref > 1 else None, linewidth=1, **edge))
+        ax.text(x + 0.03, y + 0.62, str(block), fontsize=7, va="bottom", color="dimgray")
+        if ref > 1:
+            ax.text(x + w - 0.03, y + 0.62, f"x{ref}", fontsize=7, va="bottom", ha="right", weight="bold")
+        elif cached:
+            ax.text(x + w / 2, y + 0.3, "cached", fontsize=6, va="center", ha="center", color="gray")
+    top = 1.0
+    for k, s in enumerate(reversed(seq_ids)):  # first sequence on top
+        y = top + k * 0.55
+        ax.text(-0.15, y + 0.22, f"{names.get(s, s)}:", ha="right", va="center", fontsize=8)
+        for j, block in enumerate(bm.tables[s]):
+            x = j * 0.55
+            ax.add_patch(Rectangle((x, y), 0.5, 0.44, facecolor=color_of[s], alpha=0.45, edgecolor="black"))
+            ax.text(x + 0.25, y + 0.22, str(block), ha="center", va="center", fontsize=7)
+    ax.text(-0.15, top + len(seq_ids) * 0.55 + 0.1, "block tables", fontsize=8, ha="right", style="italic")
+    ax.text(-0.15, 0.3, "pool", fontsize=8, ha="right", style="italic")
+    ax.set_xlim(-1.6, cols * (w + gap))
+    ax.set_ylim(-(rows - 1) * 0.95 - 0.15, top + max(len(seq_ids), 1) * 0.55 + 0.5)
+    ax.set_axis_off()
+    if title:
+        ax.set_title(title, fontsize=9)
+    return ax
+
+
+# ---- the stepper ---------------------------------------------------------------------------------------------------
+@dataclass
+class StepperRequest:
+    """A scripted request: its prompt arrives at step ``arrival``, then it gains one token per step.
+
+    ``n > 1`` forks the prompt into n sequences (parallel sampling) that share its blocks until they write.
+    """
+
+    name: str
+    prompt: list[int]
+    max_new_tokens: int
+    arrival: int = 0
+    n: int = 1
+
+
+@dataclass
+class Snapshot:
+    step: int
+    block_manager: BlockManager
+    names: dict[int, str]
+    events: list[str] = field(default_factory=list)
+
+
+class PagingStepper:
+    """Runs scripted requests through a real BlockManager, one token per running sequence per step.
+
+    A step: arriving prompts are allocated (prefix hits reuse cached blocks) and prefilled in one go, parallel
+    samples are forked from them; every other running sequence appends one token (``ensure_capacity``, which may
+    copy-on-write, then ``commit``); sequences that reached ``max_new_tokens`` are freed. Each step's block manager
+    is kept as a snapshot, so any step can be drawn again (``draw``, ``snapshots``, ``widget``).
+    """
+
+    def __init__(self, requests: list[StepperRequest], num_blocks: int = 24, block_size: int = 4,
+                 enable_prefix_caching: bool = True):
+        self.requests = list(requests)
+        self.bm = BlockManager(num_blocks, block_size, enable_prefix_caching)
+        self.tokens: dict[int, list[int]] = {}
+        self.generated: dict[int, int] = {}
+        self.limit: dict[int, int] = {}
+        self.names: dict[int, str] = {}
+        self.step_index = 0
+        self.history = [Snapshot(0, copy.deepcopy(self.bm), {}, ["empty pool"])]
+        self._next_id = 0
+
+    @property
+    def is_done(self) -> bool:
+        return not self.bm.tables and all(r.arrival < self.step_index for r in self.requests)
+
+    def _new_seq(self, name: str) -> int:
+        seq_id, self._next_id = self._next_id, self._next_id + 1
+        self.names[seq_id] = name
+        return seq_id
+
+    def step(self) -> list[str]:
+        """Advance one step; returns what happened (also stored in ``history[-1].events``)."""
+        self.step_index += 1
+        bm = self.bm
+        events = [f"+1 token each: {', '.join(self.names[s] for s in bm.tables)}"] if bm.tables else []
+        for seq_id in list(bm.tables):  # decode: one token each
+            name, tokens = self.names[seq_id], self.tokens[seq_id]
+            tokens.append(1000 + 100 * seq_id + len(tokens))  # distinct per sequence: no accidental sharing
+            before = len(bm.tables[seq_id])
+            for src, dst in bm.ensure_capacity(seq_id, len(tokens)):
+                events.append(f"{name}: copy-on-write, block {src} (shared) copied to {dst} before writing")
+            if len(bm.tables[seq_id]) > before:
+                events.append(f"{name}: block {bm.tables[seq_id][-1]} allocated for token {len(tokens) - 1}")
+            bm.commit(seq_id, tokens, len(tokens))
+            self.generated[seq_id] += 1
+        for seq_id in list(bm.tables):
+            if self.generated[seq_id] >= self.limit[seq_id]:
+                table = bm.block_table(seq_id)
+                bm.free(seq_id)
+                events.append(f"{self.names[seq_id]}: finished, released blocks {table}")
+        for req in self.requests:
+            if req.arrival != self.step_index - 1:
+                continue
+            seq_id = self._new_seq(req.name if req.n == 1 else f"{req.name}1")
+            hit = bm.allocate_prompt(seq_id, req.prompt)
+            bm.ensure_capacity(seq_id, len(req.prompt))
+            bm.commit(seq_id, req.prompt, len(req.prompt))
+            self.tokens[seq_id], self.generated[seq_id], self.limit[seq_id] = list(req.prompt), 0, req.max_new_tokens
+            shared = f", {hit} tokens ({hit // bm.block_size} blocks) found in the prefix cache" if hit else ""
+            events.append(f"{self.names[seq_id]}: prompt of {len(req.prompt)} tokens -> blocks "
+                          f"{bm.block_table(seq_id)}{shared}")
+            for i in range(1, req.n):
+                child = self._new_seq(f"{req.name}{i + 1}")
+                bm.fork(seq_id, child)
+                self.tokens[child], self.generated[child], self.limit[child] = list(req.prompt), 0, req.max_new_tokens
+                events.append(f"{self.names[child]}: forked from {self.names[seq_id]}, shares all its blocks")
+        self.history.append(Snapshot(self.step_index, copy.deepcopy(bm), dict(self.names), events or ["(nothing)"]))
+        return events
+
+    def run(self, max_steps: int = 1000) -> "PagingStepper":
+        """Step until every request has arrived and finished."""
+        while not self.is_done and self.step_index < max_steps:
+            self.step()
+        return self
+
+    def draw(self, step: int | None = None, ax=None, cols: int = 8, events: bool = True):
+        """Draw the pool and block tables after ``step`` (default: the latest), with that step's events below."""
+        snap = self.history[-1 if step is None else step]
+        ax = draw_blocks(snap.block_manager, snap.names, ax=ax, cols=cols, title=f"after step {snap.step}")
+        if events:
+            ax.text(-1.6, ax.get_ylim()[0] - 0.1, "\n".join(snap.events), fontsize=7, va="top", family="monospace")
+        return ax
+
+    def snapshots(self, steps: list[int] | None = None, ncols: int = 3, cols: int = 8):
+        """The static fallback of the widget: a grid of ``draw`` panels (default: every step)."""
+        import matplotlib.pyplot as plt
+
+        steps = list(range(len(self.history))) if steps is None else steps
+        nrows = -(-len(steps) // ncols)
+        fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 4.3 * nrows), squeeze=False)
+        for ax, step in zip(axes.flat, steps):
+            self.draw(step, ax=ax, cols=cols)
+        for ax in axes.flat[len(steps):]:
+            ax.set_axis_off()
+        fig.tight_layout()
+        return fig
+
+    def widget(self, cols: int = 8):
+        """A Play button and a slider over the recorded steps, redrawing the pool (needs ipywidgets)."""
+        import ipywidgets as widgets
+        import matplotlib.pyplot as plt
+        from IPython.display import display
+
+        self.run()
+        last = len(self.history) - 1
+        play = widgets.Play(min=0, max=last, value=0, interval=900, description="play")
+        slider = widgets.IntSlider(min=0, max=last, value=0, description="step")
+        widgets.jslink((play, "value"), (slider, "value"))
+        out = widgets.Output()
+
+        def show(change=None):
+            with out:
+                out.clear_output(wait=True)
+                fig, ax = plt.subplots(figsize=(7.5, 5))
+                self.draw(slider.value, ax=ax, cols=cols)
+                fig.tight_layout()
+                display(fig)
+                plt.close(fig)
+
+        slider.observe(show, names="value")
+        show()
+        return widgets.VBox([widgets.HBox([play, slider]), out])
