@@ -108,7 +108,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = make_parser("kvcache", description=main.__doc__)
     parser.add_argument("--contexts", type=int, nargs="+", default=None, help="context lengths S to time")
     parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="bf16 on GPU, fp32 on CPU")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (1 is steadier on a shared machine)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
         args.dtype or ("bf16" if device.type == "cuda" else "fp32")
