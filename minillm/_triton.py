@@ -19,9 +19,14 @@ else:  # pragma: no cover - exercised on machines without triton
     tl = None
 
 
+# Triton reads TRITON_INTERPRET when a kernel is *defined* (at import), not when it runs: setting it later does not
+# turn kernels already defined into interpreted ones. So the import-time value is the one that counts.
+_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def is_interpreter() -> bool:
     """True when Triton kernels run in the CPU interpreter rather than compiled for a GPU."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _INTERPRETED
 
 
 def triton_available(device: torch.device | str) -> bool:

@@ -149,12 +149,8 @@ if HAS_TRITON:
 
 
 def can_launch(device: torch.device) -> bool:
-    """Can the kernel run on `device`? Triton must work there, and on CPU the kernel must have been defined under
-    the interpreter: TRITON_INTERPRET is read when `@triton.jit` runs (at import), so setting it after `import minillm`
-    leaves a compiled kernel that cannot take CPU tensors; then the torch reference runs instead."""
-    if not triton_available(device):
-        return False
-    return device.type == "cuda" or not isinstance(_flash_attention_fwd_kernel, triton.runtime.JITFunction)
+    """Can the kernel run on `device`? (On CPU only if TRITON_INTERPRET=1 was set before import: see _triton.py.)"""
+    return triton_available(device)
 
 
 def check_kernel_support(D: int, dtype: torch.dtype) -> None:
