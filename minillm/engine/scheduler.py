@@ -59,13 +59,13 @@ class Scheduler:
     ):
         if policy not in POLICIES:
             raise ValueError(f"unknown scheduler policy {policy!r}; choose one of {POLICIES}")
-        if max_num_seqs < 1 or max_num_batched_tokens < max_num_seqs:
+        if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise ValueError(
-                f"need 1 <= max_num_seqs <= max_num_batched_tokens (every running sequence must be able to decode "
-                f"each step), got max_num_seqs={max_num_seqs}, max_num_batched_tokens={max_num_batched_tokens}"
+                f"max_num_seqs and max_num_batched_tokens must be >= 1, got {max_num_seqs} and {max_num_batched_tokens}"
             )
         self.block_manager = block_manager
-        self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
+        # Every running sequence must be able to decode each step, so the token budget also caps the sequences.
+        self.max_num_seqs, self.max_num_batched_tokens = min(max_num_seqs, max_num_batched_tokens), max_num_batched_tokens
         self.policy, self.enable_chunked_prefill = policy, enable_chunked_prefill
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # oldest first: the end of the list is what gets preempted
@@ -139,11 +139,14 @@ class Scheduler:
             return out
         if self.policy == "static" and not any(s.seq_id in self.static_batch for s in [*self.running, *self.waiting]):
             self.static_batch = {s.seq_id for s in list(self.waiting)[: self.max_num_seqs]}
+        # Children to be forked from running sequences will run too: they count against max_num_seqs already.
+        num_seqs = sum(1 + len(self.children.get(s.seq_id, [])) for s in self.running)
         while self.waiting and budget > 0:  # 3. admit waiting sequences, FCFS
             seq = self.waiting[0]
             if self.policy == "static" and seq.seq_id not in self.static_batch:
                 break
-            if len(self.running) + 1 + len(self.children.get(seq.seq_id, [])) > self.max_num_seqs:
+            num_seqs += 1 + len(self.children.get(seq.seq_id, []))
+            if num_seqs > self.max_num_seqs:
                 break
             n = self._admit(seq, budget)
             if n == 0:
