@@ -117,7 +117,11 @@ def dense_weight(linear: nn.Linear) -> torch.Tensor:
 
 
 def sparsity_report(model: nn.Module) -> pd.DataFrame:
-    """One row per decoder linear: layer index, module name, shape, number of zeros, numel, sparsity."""
+    """One row per decoder linear: layer index, module name, shape, number of zeros, numel, sparsity.
+
+    Every zero counts, also weights that were zero before pruning (a quantized checkpoint such as the Q8_0
+    SmolLM2 holds a few), so a pruned layer's sparsity can exceed the request by those.
+    """
     rows = []
     for name, linear in prunable_linears(model).items():
         weight = dense_weight(linear)
