@@ -325,3 +325,20 @@ def test_structured_prunes_lowest_scores(tiny_model):
 def test_prune_heads_errors(tiny_model, kwargs, match):
     with pytest.raises(ValueError, match=match):
         prune_heads(tiny_model, **kwargs)
+
+
+@pytest.mark.gpu
+def test_to_semi_structured_on_gpu_matches_dense_zeros():
+    if torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("2:4 sparse tensor cores need an Ampere or newer GPU")
+    torch.manual_seed(0)
+    config = ModelConfig.tiny(hidden_size=128, intermediate_size=256, num_heads=4, num_kv_heads=2)  # dims % 64 == 0
+    model = Transformer(config).to("cuda", torch.float16).eval()
+    prune_model(model, "magnitude", 0.5, pattern="2:4")
+    ids = torch.randint(0, 256, (2, 64), device="cuda")
+    with torch.no_grad():
+        expected = model(ids).float()
+        converted = to_semi_structured(model)
+        assert len(converted) == 2 * 7
+        assert sparsity_report(model).sparsity.min() >= 0.5
+        torch.testing.assert_close(model(ids).float(), expected, atol=2e-2, rtol=2e-2)
