@@ -71,8 +71,9 @@ def perplexity(
     """Perplexity of `model` on the first `max_tokens` tokens of `text`.
 
     model(input_ids (1, T)) -> logits (1, T, V). text=None tries WikiText-2 (download), else the offline text.
-    Windows of `window` tokens advance by `stride` (default window // 2); the first window scores all its tokens,
-    later ones only their last `stride`.
+    Windows of `window` tokens advance by `stride` (default window // 2); the first window scores all its tokens
+    but the first, later ones only their last `stride`, so no token is scored twice. With stride == window the
+    first token of each window has no context inside it and is not scored.
     """
     if window < 2:
         raise ValueError(f"window must be at least 2 tokens, got {window}")
