@@ -32,7 +32,9 @@ GPU_LINEAR_SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192)]  
 CPU_LINEAR_SHAPES = [(512, 512), (1024, 1024)]
 
 
-def run_linear(device: torch.device, dtype: torch.dtype, tokens: list[int], shapes: list[tuple[int, int]]) -> list[dict]:
+def run_linear(
+    device: torch.device, dtype: torch.dtype, tokens: list[int], shapes: list[tuple[int, int]]
+) -> list[dict]:
     """Dense vs 2:4 linear at every (M, K, N); one row per shape."""
     rows = []
     for M in tokens:

@@ -7,7 +7,13 @@ the layers that suffer most.
 
 from minillm.prune.magnitude import magnitude_mask, magnitude_score, row_mask
 from minillm.prune.pruning import PRUNE_METHODS, model_sparsity, prunable_linears, prune_model, sparsity_report
-from minillm.prune.semistructured import is_nm_sparse, nm_mask, parse_pattern, semi_structured_supported, to_semi_structured
+from minillm.prune.semistructured import (
+    is_nm_sparse,
+    nm_mask,
+    parse_pattern,
+    semi_structured_supported,
+    to_semi_structured,
+)
 from minillm.prune.sensitivity import sensitivity_scan
 from minillm.prune.structured import StructuredPruneResult, count_parameters, prune_heads, prune_mlp_channels
 from minillm.prune.wanda import InputNormCollector, calibration_batch, wanda_score
