@@ -7,7 +7,7 @@
   (the issue's goal: >= 1.2x at M >= 2048 on an H100). On CPU there are no sparse tensor cores: the row times the
   dense matmul of the 2:4-zeroed weight instead, to show that zeros alone are not faster (informational).
 - ``decode``: greedy decoding tokens/s of a random-weight Llama (speed depends on shapes only) before and after
-  structured pruning (``prune_heads`` by KV groups, ``prune_mlp_channels``), with a minimal contiguous KV cache.
+  structured pruning (``prune_heads`` by KV groups, ``prune_mlp_channels``), with minillm's contiguous KV cache.
   GPU default: a Llama-2-7B-shaped model cut to 8 layers, fp16; CPU default: SmolLM2-135M-shaped, 4 layers, fp32.
 Notebook 07 (``07_pruning``) shows the plot.
 """
@@ -15,14 +15,13 @@ Notebook 07 (``07_pruning``) shows the plot.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from minillm.attention import causal_attention
 from minillm.bench.common import environment_info, make_parser, time_fn, write_results
 from minillm.config import ModelConfig
+from minillm.kvcache.contiguous import ContiguousBatch, ContiguousKVCache
 from minillm.model import Transformer
 from minillm.prune import count_parameters, nm_mask, prune_heads, prune_mlp_channels
 from minillm.prune.semistructured import semi_structured_supported, to_sparse_24
@@ -65,40 +64,19 @@ def run_linear(
     return rows
 
 
-@dataclass
-class DecodeStep:
-    """Batch metadata for `ContiguousCache`: every row's new tokens start at the same position."""
-
-    start: int
-
-
-class ContiguousCache:
-    """The simplest KV cache for the model's ``kv_cache.attend`` seam: one preallocated (B, Hkv, S, D) buffer
-    per layer for K and V, written at ``batch.start`` (enough for a same-length batch in a benchmark)."""
-
-    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype):
-        shape = (config.num_layers, batch_size, config.num_kv_heads, max_len, config.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)  # (L, B, Hkv, S, D)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-
-    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: DecodeStep):
-        end = batch.start + k.shape[2]
-        self.k[layer_idx, :, :, batch.start : end] = k
-        self.v[layer_idx, :, :, batch.start : end] = v
-        return causal_attention(q, self.k[layer_idx, :, :, :end], self.v[layer_idx, :, :, :end])  # (B, H, T, D)
-
-
 @torch.no_grad()
 def greedy_generate(model: Transformer, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
-    """prompt (B, T) -> the `new_tokens` greedy continuations (B, new_tokens), one forward per token."""
+    """prompt (B, T) -> the `new_tokens` greedy continuations (B, new_tokens), one forward per token, through
+    minillm's contiguous KV cache (chapter 03) sized from ``model.config``, so a pruned config sizes it too."""
     B, T = prompt.shape
-    cache = ContiguousCache(model.config, B, T + new_tokens, prompt.device, next(model.parameters()).dtype)
-    positions = torch.arange(T, device=prompt.device).expand(B, T)
-    next_ids = model(prompt, positions, cache, DecodeStep(0))[:, -1].argmax(-1, keepdim=True)  # (B, 1)
+    dtype = next(model.parameters()).dtype
+    cache = ContiguousKVCache.for_model(model.config, B, T + new_tokens, dtype, prompt.device)
+    batch = ContiguousBatch.prefill([T] * B, prompt.device)
+    next_ids = model(prompt, batch.positions, cache, batch)[:, -1].argmax(-1, keepdim=True)  # (B, 1)
     out = [next_ids]
-    for pos in range(T, T + new_tokens - 1):
-        positions = torch.full((B, 1), pos, device=prompt.device)
-        next_ids = model(next_ids, positions, cache, DecodeStep(pos))[:, -1].argmax(-1, keepdim=True)
+    for _ in range(new_tokens - 1):
+        batch = batch.next_decode()
+        next_ids = model(next_ids, batch.positions, cache, batch)[:, -1].argmax(-1, keepdim=True)
         out.append(next_ids)
     return torch.cat(out, dim=1)
 
