@@ -129,13 +129,17 @@ class Scheduler:
             if seq.status == Status.RUNNING:
                 self._schedule(seq, 1, out)
                 budget -= 1
+        memory_short = bool(out.preempted)
         for seq in prefills:  # 2. unfinished prompts continue (a chunk never preempts anyone: it waits)
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if seq.status == Status.RUNNING and n > 0 and bm.can_allocate(
-                    bm.num_blocks_needed(seq.seq_id, seq.num_computed_tokens + n)):
+            if seq.status != Status.RUNNING or n == 0:
+                continue
+            if bm.can_allocate(bm.num_blocks_needed(seq.seq_id, seq.num_computed_tokens + n)):
                 self._schedule(seq, n, out)
                 budget -= n
-        if out.preempted:  # memory is short: admitting new prompts now would only preempt again
+            else:
+                memory_short = True
+        if memory_short:  # admitting new prompts now would take the blocks the running ones wait for
             return out
         if self.policy == "static" and not any(s.seq_id in self.static_batch for s in [*self.running, *self.waiting]):
             self.static_batch = {s.seq_id for s in list(self.waiting)[: self.max_num_seqs]}
