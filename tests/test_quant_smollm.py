@@ -1,7 +1,8 @@
 """Accuracy of every quantization scheme on the real SmolLM2-135M, on the offline eval text (no network).
 
 One module fixture computes all perplexities once: fp32, int8, int4 round-to-nearest g128, int4 AWQ g128 and the
-fp model with int8-quantized keys/values. Measured on CPU (fp32, 1024 tokens, window 512, see the report table).
+fp model with int8-quantized keys/values (run with -s to see the table). Measured on CPU, fp32, first 1024 tokens,
+windows of 512: fp32 17.02, int8 KV 17.04, int8 17.14 (+0.7%), int4 RTN 27.00 (+59%), int4 AWQ 22.43.
 """
 
 import copy
@@ -68,4 +69,6 @@ def test_awq_recovers_much_of_the_int4_loss(results):
 def test_bytes_shrink_as_expected(results):
     fp = results["fp32"][1]
     assert results["int8"][1] < 0.27 * fp  # 8 of 32 bits plus scales, embedding shared with the head
-    assert results["int4"][1] == results["int4-awq"][1] < 0.15 * fp
+    assert results["int4"][1] < 0.15 * fp  # 4 bits + 24 bits per 128 weights
+    # AWQ adds only the C fp32 factors that undo its scaling in the shared embedding lookup.
+    assert results["int4-awq"][1] - results["int4"][1] == 4 * 576

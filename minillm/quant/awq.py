@@ -117,13 +117,18 @@ def search_scale(
     num_grid: int = 20,
     kv_group: int = 1,
     head_dim: int = 0,
+    max_rows: int = 4096,
 ) -> tuple[torch.Tensor, float, list[float]]:
     """Grid search of AWQ's per-input-channel scale for one group.
 
     x_mean (K,): mean |x| per channel; x (n, K): calibration rows; weight (N, K): the group's weights stacked.
     Returns the best s (K,), its alpha, and the loss at every alpha of linspace(0, 1, num_grid + 1).
     Loss: mean squared error between x @ W^T and (x / s) @ Q(W * s)^T, Q = asymmetric int4 round-to-nearest per group.
+    Quantization is per row, so the loss on `max_rows` evenly spaced rows of W estimates the loss on all of them
+    (the 49152-row LM head would otherwise dominate the search time).
     """
+    if weight.shape[0] > max_rows:
+        weight = weight[torch.linspace(0, weight.shape[0] - 1, max_rows, device=weight.device).long()]
     w = weight.float()
     x = x.to(w.device, torch.float32)
     x_mean = x_mean.to(w.device, torch.float32)
