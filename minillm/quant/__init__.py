@@ -77,7 +77,8 @@ def quantize_model(
     layer's in_features; a row's last group is shorter when it does not divide in_features). calibration (int4-awq only): token ids (B, T) or (T,), a text (needs `tokenizer`), or None
     for the shipped calibration text (needs `tokenizer`). backend: "auto" (Triton kernels on CUDA, else PyTorch),
     "triton" or "reference", for every quantized layer. num_grid: AWQ's alpha grid has num_grid + 1 points.
-    After "int4-awq", `model.awq_report` holds each group's chosen alpha and loss curve.
+    After "int4-awq", `model.awq_report` holds each group's chosen alpha, loss curve and scale.
+    Quantize after moving the model to its device and dtype: a later `.to(dtype)` would convert the fp16 scales too.
     """
     if scheme not in SCHEMES:
         raise ValueError(f"unknown quantization scheme {scheme!r}; choose one of {SCHEMES}")
