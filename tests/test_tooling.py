@@ -1,5 +1,6 @@
 """Course tooling outside the notebooks: minillm.doctor and the benchmark plumbing (dispatcher, timer, results)."""
 
+import importlib
 import json
 import sys
 import types
@@ -23,7 +24,7 @@ def test_doctor_reports_this_machine(capsys):
 
 
 def test_triton_status_names_the_mode(monkeypatch):
-    import minillm.doctor as d
+    d = importlib.import_module("minillm.doctor")  # the module: `minillm.doctor` itself is the function
 
     monkeypatch.setattr(d, "HAS_TRITON", False)
     assert triton_status(torch.device("cpu")) == "absent: torch fallbacks"
