@@ -74,7 +74,7 @@ class LLM:
         if quantization is not None:
             from minillm.quant import quantize_model
 
-            quantize_model(self.model, quantization)
+            quantize_model(self.model, quantization, tokenizer=self.tokenizer)  # AWQ tokenizes its calibration text
         if attention_backend == "auto":
             attention_backend = "triton" if self.device.type == "cuda" and HAS_TRITON else "reference"
         self.attention_backend = attention_backend
