@@ -15,6 +15,13 @@ def llm_none(smollm):
     return minillm.LLM(model, tokenizer=tok, kv_cache="none")
 
 
+@pytest.fixture(scope="module")
+def llm(smollm):
+    """The default engine (paged KV cache, continuous batching): the front-end tests run on it because it is fast."""
+    model, tok = smollm
+    return minillm.LLM(model, tokenizer=tok)
+
+
 def hf_greedy(hf_model, tok, prompt, max_new_tokens):
     ids = tok(prompt, return_tensors="pt").input_ids
     out = hf_model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
@@ -28,50 +35,50 @@ def test_greedy_matches_transformers_generate(llm_none, hf_smollm, smollm):
         assert out.finish_reason == "length" and out.metrics["num_output_tokens"] == 8
 
 
-def test_chat_messages_and_token_ids(llm_none, smollm):
+def test_chat_messages_and_token_ids(llm, smollm):
     tok = smollm[1]
     chat = [{"role": "user", "content": "Hi"}]
-    ids = llm_none.encode(chat)
+    ids = llm.encode(chat)
     assert tok.decode(ids).endswith("<|im_start|>assistant\n")
-    a, b = llm_none.generate([chat, ids], SamplingParams(max_tokens=3))
+    a, b = llm.generate([chat, ids], SamplingParams(max_tokens=3))
     assert a.token_ids == b.token_ids
 
 
-def test_stop_string_cuts_text(llm_none):
-    out = llm_none.generate("Count: one, two, three, four,", SamplingParams(max_tokens=12, stop=","))[0]
+def test_stop_string_cuts_text(llm):
+    out = llm.generate("Count: one, two, three, four,", SamplingParams(max_tokens=12, stop=","))[0]
     assert "," not in out.text and out.finish_reason == "stop"
 
 
-def test_stream_yields_the_generated_text(llm_none):
+def test_stream_yields_the_generated_text(llm):
     params = SamplingParams(max_tokens=6, temperature=0.7, seed=11)
-    streamed = "".join(llm_none.stream("Once upon a time", params))
-    assert streamed == llm_none.generate("Once upon a time", params)[0].text
+    streamed = "".join(llm.stream("Once upon a time", params))
+    assert streamed == llm.generate("Once upon a time", params)[0].text
 
 
-def test_seeded_sampling_is_reproducible_and_n_gives_n(llm_none):
+def test_seeded_sampling_is_reproducible_and_n_gives_n(llm):
     params = SamplingParams(max_tokens=5, temperature=1.0, seed=5, n=2)
-    a = llm_none.generate("Hello", params)[0]
-    b = llm_none.generate("Hello", params)[0]
+    a = llm.generate("Hello", params)[0]
+    b = llm.generate("Hello", params)[0]
     assert len(a.outputs) == 2 and [c.token_ids for c in a.outputs] == [c.token_ids for c in b.outputs]
 
 
-def test_bad_input_is_a_clear_error(llm_none):
+def test_bad_input_is_a_clear_error(llm):
     with pytest.raises(ValueError, match="context is"):
-        llm_none.generate([list(range(5, 5 + llm_none.max_model_len))])
+        llm.generate([list(range(5, 5 + llm.max_model_len))])
     with pytest.raises(TypeError, match="a prompt must be"):
-        llm_none.generate([3.5])
+        llm.generate([3.5])
     with pytest.raises(ValueError, match="token ids must be in"):
-        llm_none.generate([[10**9]])
+        llm.generate([[10**9]])
     with pytest.raises(ValueError, match="2 prompts but 1"):
-        llm_none.generate(PROMPTS, [SamplingParams()])
+        llm.generate(PROMPTS, [SamplingParams()])
     with pytest.raises(ValueError, match="unknown kv_cache"):
         minillm.LLM(kv_cache="ring")
     with pytest.raises(TypeError, match="SamplingParams"):
-        llm_none.generate("x", {"max_tokens": 3})
+        llm.generate("x", {"max_tokens": 3})
 
 
-def test_abort_finishes_request_as_aborted(llm_none):
-    seqs = llm_none.add_request("Hello there", SamplingParams(max_tokens=50))
-    llm_none.engine.step()
-    assert llm_none.abort(seqs[0].request_id)
-    assert seqs[0].finish_reason == "aborted" and not llm_none.engine.has_unfinished()
+def test_abort_finishes_request_as_aborted(llm):
+    seqs = llm.add_request("Hello there", SamplingParams(max_tokens=50))
+    llm.engine.step()
+    assert llm.abort(seqs[0].request_id)
+    assert seqs[0].finish_reason == "aborted" and not llm.engine.has_unfinished()
