@@ -49,6 +49,7 @@ class LLM:
         scheduler: str = "continuous",
         max_model_len: int | None = None,
         tokenizer: Any = None,
+        kv_cache_dtype: str | None = None,
     ):
         if kv_cache not in KV_CACHES:
             raise ValueError(f"unknown kv_cache {kv_cache!r}; choose one of {KV_CACHES}")
@@ -56,6 +57,10 @@ class LLM:
             raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {SCHEDULERS}")
         if attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"unknown attention_backend {attention_backend!r}; choose one of {ATTENTION_BACKENDS}")
+        if kv_cache_dtype not in (None, "int8"):
+            raise ValueError(f"unknown kv_cache_dtype {kv_cache_dtype!r}; choose None (the model's dtype) or 'int8'")
+        if kv_cache_dtype is not None and kv_cache != "paged":
+            raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r} needs kv_cache='paged', got kv_cache={kv_cache!r}")
         for name, value in [("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens)]:
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -85,7 +90,7 @@ class LLM:
         self.engine = self._make_engine(
             kv_cache, scheduler=scheduler, block_size=block_size, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, num_kv_blocks=num_kv_blocks,
-            enable_prefix_caching=enable_prefix_caching,
+            enable_prefix_caching=enable_prefix_caching, kv_cache_dtype=kv_cache_dtype,
         )
         self._seq_ids = itertools.count()
         self._request_ids = itertools.count()

@@ -22,17 +22,22 @@ from minillm.engine.runner import ModelRunner
 from minillm.engine.scheduler import Scheduler
 from minillm.kvcache.blocks import BlockManager
 from minillm.kvcache.paged import PagedKVCache
+from minillm.kvcache.paged_int8 import Int8PagedKVCache
+
+KV_CACHE_DTYPES = (None, "int8")  # None: the model's dtype; "int8": kvcache/paged_int8.py (notebook 06)
 
 GPU_MEMORY_FRACTION = 0.8
 CPU_KV_CACHE_BYTES = 1 << 30  # 1 GiB: ~1,450 blocks of 16 tokens for SmolLM2-135M in fp32 (23k tokens)
 
 
-def default_num_kv_blocks(model, block_size: int, max_num_seqs: int, max_model_len: int) -> int:
+def default_num_kv_blocks(
+    model, block_size: int, max_num_seqs: int, max_model_len: int, cache_cls: type = PagedKVCache
+) -> int:
     """How many KV blocks to allocate when the user did not say (see the module docstring)."""
     import torch
 
     cfg, param = model.config, next(model.parameters())
-    per_block = PagedKVCache.bytes_per_block(cfg.num_layers, block_size, cfg.num_kv_heads, cfg.head_dim, param.dtype)
+    per_block = cache_cls.bytes_per_block(cfg.num_layers, block_size, cfg.num_kv_heads, cfg.head_dim, param.dtype)
     if param.device.type == "cuda":
         memory = int(GPU_MEMORY_FRACTION * torch.cuda.mem_get_info(param.device)[0])
     else:
@@ -54,18 +59,22 @@ class PagedEngine:
         attention_backend: str = "reference",
         enable_chunked_prefill: bool = True,
         max_model_len: int | None = None,
+        kv_cache_dtype: str | None = None,
     ):
         cfg, param = model.config, next(model.parameters())
+        if kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"unknown kv_cache_dtype {kv_cache_dtype!r}; choose one of {KV_CACHE_DTYPES}")
+        cache_cls = Int8PagedKVCache if kv_cache_dtype == "int8" else PagedKVCache
         if block_size < 1 or block_size & (block_size - 1):
             raise ValueError(f"block_size must be a power of two (1, 2, 4, ..., 16, ...), got {block_size}")
         if num_kv_blocks is None:
             num_kv_blocks = default_num_kv_blocks(
-                model, block_size, max_num_seqs, max_model_len or cfg.max_position_embeddings
+                model, block_size, max_num_seqs, max_model_len or cfg.max_position_embeddings, cache_cls
             )
         if not isinstance(num_kv_blocks, int) or num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be a positive int or None (derive it), got {num_kv_blocks!r}")
         self.block_manager = BlockManager(num_kv_blocks, block_size, enable_prefix_caching)
-        self.kv_cache = PagedKVCache(
+        self.kv_cache = cache_cls(
             cfg.num_layers, num_kv_blocks, block_size, cfg.num_kv_heads, cfg.head_dim,
             dtype=param.dtype, device=param.device, attention_backend=attention_backend,
         )
