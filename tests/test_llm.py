@@ -82,3 +82,11 @@ def test_abort_finishes_request_as_aborted(llm):
     llm.engine.step()
     assert llm.abort(seqs[0].request_id)
     assert seqs[0].finish_reason == "aborted" and not llm.engine.has_unfinished()
+
+
+def test_a_refused_prompt_leaves_nothing_queued(llm):
+    with pytest.raises(ValueError):
+        llm.generate(["fine", list(range(5, 5 + llm.max_model_len))])
+    with pytest.raises(TypeError):
+        llm.generate(["fine", "also fine"], [SamplingParams(), "not params"])
+    assert not llm.engine.has_unfinished()

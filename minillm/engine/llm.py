@@ -177,7 +177,15 @@ class LLM:
         params_list = params if isinstance(params, list) else [params] * len(prompts)
         if len(params_list) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(params_list)} SamplingParams")
-        groups = [self.add_request(p, sp) for p, sp in zip(prompts, params_list)]
+        encoded = [self.encode(p) for p in prompts]  # every prompt is checked before any is queued
+        groups = []
+        try:
+            for ids, sp in zip(encoded, params_list):
+                groups.append(self.add_request(ids, sp))
+        except (ValueError, TypeError):
+            for group in groups:  # a refused request leaves no half-submitted batch behind
+                self.abort(group[0].request_id)
+            raise
         all_seqs = [s for g in groups for s in g]
         if use_tqdm is None:
             use_tqdm = len(all_seqs) >= 16
