@@ -71,7 +71,8 @@ def test_copy_blocks_and_sizing():
     cache.k_cache.random_(-127, 127)
     cache.k_scale.uniform_()
     cache.copy_blocks([(1, 4)])
-    assert torch.equal(cache.k_cache[:, 4], cache.k_cache[:, 1]) and torch.equal(cache.k_scale[:, 4], cache.k_scale[:, 1])
+    assert torch.equal(cache.k_cache[:, 4], cache.k_cache[:, 1])
+    assert torch.equal(cache.k_scale[:, 4], cache.k_scale[:, 1])
     # D int8 codes + one fp16 scale per vector: (64 + 2) bytes vs 2 * 64 in fp16.
     assert Int8PagedKVCache.bytes_per_block(30, 16, 3, 64) == 2 * 30 * 16 * 3 * 66
     assert cache.nbytes == 6 * Int8PagedKVCache.bytes_per_block(3, 2, 1, 4)

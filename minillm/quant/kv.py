@@ -8,7 +8,8 @@ In doing so, you will learn about:
     §3.1), so a per-vector scale is coarse for keys but needs no calibration and can be computed when the token is
     written, which is what a cache needs (vLLM and TensorRT-LLM's int8/fp8 KV caches scale similarly);
   * the bookkeeping: D int8 values + one fp16 scale per vector, (D + 2) bytes instead of 2 * D in fp16.
-The cache integration (store quantized, dequantize when attending) comes with the KV cache chapters.
+The cache that stores these codes and dequantizes them when attending is ``minillm/kvcache/paged_int8.py``
+(``LLM(kv_cache_dtype="int8")``).
 Notebook 06 (``06_quantization``) measures its accuracy on the real model's keys and values.
 
 Shapes: B batch, Hkv KV heads, T tokens, D head dim.
