@@ -19,7 +19,7 @@ from minillm import grading
 from minillm.grading import assert_close, assert_equal, assert_shape, exercise, randint, randn
 
 
-# A toy exercise "0.1: softmax over the last axis", as a chapter would write its check in minillm/grading.py.
+# A toy exercise "0.1: softmax over the last axis", as a chapter would write its check in minillm/grading/.
 def check_softmax(fn):
     x = randn(4, 7, seed=0)
     with exercise("0.1", "softmax") as ex:

@@ -1,0 +1,83 @@
+"""Checks for the graded exercises: each runs a few sub-checks and prints one deterministic line, or raises.
+
+An exercise notebook asks the learner to rewrite a function the package already has; its check cell calls
+``minillm.grading.check_<name>(learner_fn)``, which tests the function against the package's reference on seeded
+random inputs and on properties (shapes, dtypes, invariants). A check either prints exactly
+
+    Exercise 1.1 passed: 3/3 checks
+
+or raises ``AssertionError`` naming the first sub-check that failed and what went wrong (expected vs got, shapes).
+It raises rather than only printing because a learner who saves the notebook overwrites its stored outputs: the
+exception is what makes ``pytest --nbval`` fail, whatever was saved (see ``minillm/course.py`` for grading that does
+not trust saved outputs at all).
+
+Writing a check::
+
+    def check_rmsnorm(fn: Callable) -> None:
+        x = randn(3, 5, 64, seed=0)
+        w = randn(64, seed=1)
+        with exercise("1.1", "RMSNorm") as ex:
+            ex.check("matches the reference", lambda: assert_close(fn(x, w, 1e-6), rms_norm(x, w, 1e-6), what="output"))
+            ex.check("keeps the input dtype", lambda: assert_equal(fn(x.half(), w.half(), 1e-6).dtype, torch.float16))
+
+The stub the learner starts from raises ``NotImplementedError``; ``ex.check`` turns that into an AssertionError that
+says "not implemented yet". Any other exception raised by the learner's code (a shape error, say) also fails the
+sub-check, with the exception named. Inputs come from ``randn``/``generator`` with fixed seeds, drawn on the CPU, so
+the inputs, and therefore the printed line, are the same on every machine.
+
+The framework is in ``framework.py``; each chapter's checks live in ``chNN_topic.py``, re-exported here. Every check has
+a plausible wrong answer in ``tests/test_grading.py`` that it must reject.
+"""
+
+from minillm.grading.framework import (  # noqa: F401
+    Exercise,
+    assert_close,
+    assert_equal,
+    assert_shape,
+    exercise,
+    generator,
+    randint,
+    randn,
+)
+from minillm.grading.ch01_llm_from_scratch import (  # noqa: F401
+    check_rmsnorm,
+    check_rope,
+    check_repeat_kv,
+    check_top_p,
+    check_swiglu_mlp,
+)
+from minillm.grading.ch02_attention import (  # noqa: F401
+    check_masked_attention,
+    check_online_softmax_step,
+    check_tiled_attention,
+    check_softmax_kernel,
+)
+from minillm.grading.ch03_kv_cache import (  # noqa: F401
+    check_kv_bytes_per_token,
+    check_decode_step,
+    check_left_pad_batch,
+)
+from minillm.grading.ch04_paged_attention import (  # noqa: F401
+    check_block_allocator,
+    check_slot_mapping,
+    check_paged_attention_gather,
+    check_block_hashes,
+    check_cached_prefix_blocks,
+)
+from minillm.grading.ch05_continuous_batching import (  # noqa: F401
+    check_schedule_step,
+    check_preempt,
+    check_pack_batch,
+)
+from minillm.grading.ch06_quantization import (  # noqa: F401
+    check_absmax_quantize,
+    check_zero_point_quantize,
+    check_group_quantize,
+    check_pack_int4,
+    check_awq_search,
+)
+from minillm.grading.ch07_pruning import (  # noqa: F401
+    check_magnitude_mask,
+    check_wanda_mask,
+    check_nm_mask,
+)
