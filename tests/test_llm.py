@@ -1,7 +1,6 @@
 """The public LLM front end on the real model: parity with transformers, prompts, stopping, streaming, errors."""
 
 import pytest
-import torch
 
 import minillm
 from minillm import SamplingParams

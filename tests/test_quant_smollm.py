@@ -8,7 +8,6 @@ windows of 512: fp32 17.02, int8 KV 17.04, int8 17.14 (+0.7%), int4 RTN 27.00 (+
 import copy
 
 import pytest
-import torch
 
 from minillm.eval import load_eval_text, perplexity
 from minillm.quant import model_nbytes, quantize_model
