@@ -224,10 +224,13 @@ def build_model(config: ModelConfig, state: dict[str, torch.Tensor], device: tor
             f"checkpoint does not match the Llama layout: missing {sorted(missing)[:5]}, "
             f"unexpected {sorted(unexpected)[:5]}"
         )
-    model.load_state_dict(state, strict=False, assign=True)  # assign: take the loaded tensors as they are
+    # A copy, never the loaded tensors themselves: safetensors maps the file, and weights that start at the file's
+    # 8-byte-aligned offsets make CPU matmuls ~7% slower than in freshly allocated (64-byte-aligned) memory.
+    state = {k: v.to(device=device, dtype=dtype, copy=True) for k, v in state.items()}
+    model.load_state_dict(state, strict=False, assign=True)  # assign: take those tensors as they are
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
-    return model.to(device=device, dtype=dtype).eval()
+    return model.eval()
 
 
 def load_model(

@@ -168,8 +168,14 @@ class Transformer(nn.Module):
         positions: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
         batch: Any = None,
+        logits_at: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """input_ids (B, T) -> logits (B, T, V). positions (B, T) default to 0..T-1 in every row."""
+        """input_ids (B, T) -> logits (B, T, V). positions (B, T) default to 0..T-1 in every row.
+
+        ``logits_at`` (K,) int64 picks the columns that need logits -> (B, K, V). An engine samples from one row
+        per sequence, and the lm_head over every prompt token would be the biggest matmul of a prefill step
+        (V = 49k for SmolLM2) spent on logits nobody reads.
+        """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
         B, T = input_ids.shape
@@ -181,4 +187,6 @@ class Transformer(nn.Module):
         cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)  # (B, T, D) each
         for layer in self.layers:
             x = layer(x, cos, sin, kv_cache, batch)
-        return self.lm_head(self.norm(x))  # (B, T, V)
+        if logits_at is not None:
+            x = x[:, logits_at]  # (B, K, C)
+        return self.lm_head(self.norm(x))  # (B, T or K, V)

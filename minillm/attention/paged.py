@@ -184,15 +184,17 @@ def paged_decode_attention_ref(
     b, h, d = q.shape
     nb, bs, hkv, _ = k_cache.shape
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    k = k_cache[block_tables.long()].reshape(b, -1, hkv, d)  # (B, max_blocks * BS, Hkv, D): the gather
-    v = v_cache[block_tables.long()].reshape(b, -1, hkv, d)
     acc_dtype = torch.promote_types(q.dtype, torch.float32)  # softmax in at least fp32
-    k = k.repeat_interleave(h // hkv, dim=2).to(acc_dtype)  # (B, S, H, D): query head j reads KV head j // (H / Hkv)
-    v = v.repeat_interleave(h // hkv, dim=2).to(acc_dtype)
-    scores = torch.einsum("bhd,bshd->bhs", q.to(acc_dtype), k) * scale  # (B, H, S)
+    blocks = block_tables.flatten()  # (B * max_blocks,): index_select copies whole blocks, faster than k_cache[tables]
+    k = k_cache.index_select(0, blocks).view(b, -1, hkv, d).to(acc_dtype)  # (B, S = max_blocks * BS, Hkv, D)
+    v = v_cache.index_select(0, blocks).view(b, -1, hkv, d).to(acc_dtype)  # the gather
+    # GQA without copying K/V per query head: query head j = kv * G + g reads KV head kv = j // G.
+    q_grouped = q.to(acc_dtype).view(b, hkv, h // hkv, d)  # (B, Hkv, G, D)
+    scores = torch.einsum("bkgd,bskd->bkgs", q_grouped, k) * scale  # (B, Hkv, G, S)
     positions = torch.arange(k.shape[1], device=q.device)
-    scores = scores.masked_fill(positions[None, None, :] >= context_lens[:, None, None], float("-inf"))
-    return torch.einsum("bhs,bshd->bhd", scores.softmax(dim=-1), v).to(q.dtype)
+    scores = scores.masked_fill(positions >= context_lens[:, None, None, None], float("-inf"))
+    o = torch.einsum("bkgs,bskd->bkgd", scores.softmax(dim=-1), v)  # (B, Hkv, G, D)
+    return o.reshape(b, h, d).to(q.dtype)
 
 
 def _num_splits(batch_heads: int, max_context_len: int, block_n: int, device: torch.device) -> int:

@@ -9,10 +9,18 @@ serves it, all requests arriving at once, with:
   to its longest output (what most tutorials do);
 - ``hf_generate_batch``: transformers' own continuous batching (``ContinuousBatchingManager``, the engine behind
   ``model.generate_batch``), given each request's own ``max_new_tokens``.
+Every system gets the same caps: at most ``--max-num-seqs`` sequences and ``--max-num-batched-tokens`` tokens per
+step (transformers' ``max_requests_per_batch`` and ``max_batch_tokens``). Left to itself generate_batch would run
+every request at once, and on a bandwidth-bound machine a bigger batch alone buys throughput: that would compare
+batch sizes, not engines.
 Reported: output tokens/s = sum of requested output tokens / wall time (padding and over-generation don't count),
 time to first token (TTFT) and time per output token (TPOT) percentiles in ms, and speed ratios of minillm
 continuous to each peer. Defaults: on a GPU 256 requests with lengths in [64, 512]; on a CPU a small version.
 The issue's goals: continuous >= 2x static; >= 1.0x generate_batch on CPU and >= 1.5x on GPU.
+
+``static_bound`` is the most continuous batching can gain over static batching on this workload if a step cost the
+same whatever its batch: static decodes every batch for as many steps as its longest output, continuous keeps all
+slots busy, so the bound is sum over static batches of (longest output) / (total output / max_num_seqs).
 """
 
 from __future__ import annotations
@@ -48,12 +56,20 @@ def summarize(elapsed: float, out_lens: list[int], ttft: list[float], tpot: list
     }
 
 
-def run_minillm(model, tok, prompts, out_lens, scheduler: str, max_num_seqs: int, max_len: int) -> dict:
+def static_bound(out_lens: list[int], max_num_seqs: int) -> float:
+    """Decode steps of static batching over those of ideally packed continuous batching (see the module doc)."""
+    static_steps = sum(max(out_lens[i : i + max_num_seqs]) for i in range(0, len(out_lens), max_num_seqs))
+    return static_steps / (sum(out_lens) / max_num_seqs)
+
+
+def run_minillm(
+    model, tok, prompts, out_lens, scheduler: str, max_num_seqs: int, max_num_batched_tokens: int, max_len: int
+) -> dict:
     from minillm import LLM, SamplingParams
 
     # Enough blocks for max_num_seqs sequences at full length: this compares batching, not memory pressure.
     llm = LLM(model, tokenizer=tok, scheduler=scheduler, max_num_seqs=max_num_seqs,
-              num_kv_blocks=max_num_seqs * -(-2 * max_len // 16) + 16, enable_prefix_caching=False)
+              max_num_batched_tokens=max_num_batched_tokens, num_kv_blocks=max_num_seqs * -(-2 * max_len // 16) + 16, enable_prefix_caching=False)
     llm.generate(prompts[:2], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)  # warm-up
     params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in out_lens]
     _sync()
@@ -101,11 +117,14 @@ def run_hf_generate(hf_model, prompts, out_lens, batch_size: int, pad_id: int) -
     return summarize(time.perf_counter() - t0, out_lens, ttft, tpot)
 
 
-def run_hf_generate_batch(hf_model, prompts, out_lens, max_len: int) -> dict:
-    from transformers import GenerationConfig
+def run_hf_generate_batch(hf_model, prompts, out_lens, max_len: int, max_num_seqs: int, max_batch_tokens: int) -> dict:
+    from transformers import ContinuousBatchingConfig, GenerationConfig
 
     config = GenerationConfig(max_new_tokens=max_len, do_sample=False, eos_token_id=-1, pad_token_id=0)
-    with hf_model.continuous_batching_context_manager(generation_config=config, block=True, timeout=5) as manager:
+    caps = ContinuousBatchingConfig(max_requests_per_batch=max_num_seqs, max_batch_tokens=max_batch_tokens)
+    with hf_model.continuous_batching_context_manager(
+        generation_config=config, continuous_batching_config=caps, block=True, timeout=5
+    ) as manager:
         manager.add_request(prompts[0], request_id="warmup", max_new_tokens=4, eos_token_id=-1)
         while (r := manager.get_result(timeout=1)) is None or not r.is_finished():
             pass
@@ -158,6 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--min-len", type=int, default=None, help="default 64 on GPU, 8 on CPU")
     parser.add_argument("--max-len", type=int, default=None, help="default 512 on GPU, 48 on CPU")
     parser.add_argument("--max-num-seqs", type=int, default=None, help="batch size of every system (64 GPU, 8 CPU)")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget per step, every system")
     parser.add_argument("--peers", default="minillm_continuous,minillm_static,hf_generate,hf_generate_batch")
     args = parser.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -176,7 +196,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"[engine] {name} ...", flush=True)
         try:
             if name.startswith("minillm_"):
-                results[name] = run_minillm(model, tok, prompts, out_lens, name.split("_")[1], max_num_seqs, hi)
+                results[name] = run_minillm(model, tok, prompts, out_lens, name.split("_")[1], max_num_seqs,
+                                            args.max_num_batched_tokens, hi)
             else:
                 from transformers import AutoModelForCausalLM
 
@@ -187,7 +208,8 @@ def main(argv: list[str] | None = None) -> None:
                     if name == "hf_generate":
                         results[name] = run_hf_generate(hf, prompts, out_lens, max_num_seqs, tok.pad_token_id or 0)
                     elif name == "hf_generate_batch":
-                        results[name] = run_hf_generate_batch(hf, prompts, out_lens, hi)
+                        results[name] = run_hf_generate_batch(hf, prompts, out_lens, hi, max_num_seqs,
+                                                              args.max_num_batched_tokens)
                     else:
                         raise ValueError(f"unknown peer {name!r}")
                 del hf
@@ -201,7 +223,9 @@ def main(argv: list[str] | None = None) -> None:
     }
     record = {
         "workload": {"num_requests": n, "min_len": lo, "max_len": hi, "max_num_seqs": max_num_seqs,
-                     "dtype": str(dtype), "ignore_eos": True, "arrivals": "all at t=0"},
+                     "max_num_batched_tokens": args.max_num_batched_tokens, "dtype": str(dtype), "ignore_eos": True,
+                     "arrivals": "all at t=0"},
+        "static_bound": static_bound(out_lens, max_num_seqs),
         "systems": results,
         "throughput_ratios": ratios,
     }

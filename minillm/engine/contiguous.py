@@ -88,9 +88,11 @@ class ContiguousEngine:
         else:
             self.cache.reset()
         self.reserved_tokens += B * max_len
-        logits = self.model(input_ids, batch.positions, self.cache, batch)  # (B, P, V)
+        # Left padding: every row's last prompt token is in column P - 1, the only one whose logits we need.
+        last = torch.tensor([P - 1], device=input_ids.device)
+        logits = self.model(input_ids, batch.positions, self.cache, batch, logits_at=last)  # (B, 1, V)
         self.running, self.batch = seqs, batch
-        return self._sample(logits[:, -1])  # left padding: every row's last prompt token is in column P - 1
+        return self._sample(logits[:, -1])
 
     def _decode(self) -> list[Sequence]:
         seqs = self.running

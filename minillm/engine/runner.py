@@ -61,5 +61,5 @@ class ModelRunner:
         """
         self.kv_cache.copy_blocks(out.copies)
         input_ids, positions, batch, rows = prepare_batch(out, self.block_manager, self.device)
-        logits = self.model(input_ids, positions, self.kv_cache, batch)  # (1, N, V)
-        return logits[0, rows]  # (B, V)
+        rows = torch.tensor(rows, dtype=torch.long, device=self.device)
+        return self.model(input_ids, positions, self.kv_cache, batch, logits_at=rows)[0]  # (B, V)
