@@ -182,7 +182,7 @@ def paged_decode_attention_ref(
     """
     _check(q, k_cache, v_cache, block_tables, context_lens)
     b, h, d = q.shape
-    nb, bs, hkv, _ = k_cache.shape
+    hkv = k_cache.shape[2]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     acc_dtype = torch.promote_types(q.dtype, torch.float32)  # softmax in at least fp32
     blocks = block_tables.flatten()  # (B * max_blocks,): index_select copies whole blocks, faster than k_cache[tables]

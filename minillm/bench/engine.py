@@ -18,13 +18,15 @@ time to first token (TTFT) and time per output token (TPOT) percentiles in ms, a
 continuous to each peer. Defaults: on a GPU 256 requests with lengths in [64, 512]; on a CPU a small version.
 The issue's goals: continuous >= 2x static; >= 1.0x generate_batch on CPU and >= 1.5x on GPU.
 
-``static_bound`` is the most continuous batching can gain over static batching on this workload if a step cost the
-same whatever its batch: static decodes every batch for as many steps as its longest output, continuous keeps all
-slots busy, so the bound is sum over static batches of (longest output) / (total output / max_num_seqs).
+``static_bound`` is the most FCFS continuous batching can gain over static batching on this workload if every step
+cost the same and prefill were free: static decodes each batch for as many steps as its longest output, continuous
+hands a freed slot to the next request at once, and the bound is the ratio of those step counts. For the default
+workloads it is 1.17x (CPU) and 1.46x (GPU): uniform lengths leave little tail for continuous batching to fill.
 """
 
 from __future__ import annotations
 
+import heapq
 import statistics
 import time
 
@@ -57,9 +59,12 @@ def summarize(elapsed: float, out_lens: list[int], ttft: list[float], tpot: list
 
 
 def static_bound(out_lens: list[int], max_num_seqs: int) -> float:
-    """Decode steps of static batching over those of ideally packed continuous batching (see the module doc)."""
+    """Decode steps of static batching over those of FCFS continuous batching, one token per step (module doc)."""
     static_steps = sum(max(out_lens[i : i + max_num_seqs]) for i in range(0, len(out_lens), max_num_seqs))
-    return static_steps / (sum(out_lens) / max_num_seqs)
+    slot_free_at = [0] * max_num_seqs  # a min-heap: the step at which each slot finishes its current request
+    for n in out_lens:
+        heapq.heappush(slot_free_at, heapq.heappop(slot_free_at) + n)
+    return static_steps / max(slot_free_at)
 
 
 def run_minillm(
@@ -232,3 +237,4 @@ def main(argv: list[str] | None = None) -> None:
     for path in write_results("engine", record, plot(results), args.out, device):
         print(f"[engine] wrote {path}")
     print(f"[engine] {environment_info(device)['device']}: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
+    print(f"[engine] static_bound {record['static_bound']:.2f}x (FCFS continuous over static at best, equal step costs)")
