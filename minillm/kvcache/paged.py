@@ -179,30 +179,52 @@ class PagedKVCache:
         shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)  # (L, NB, BS, Hkv, D)
         self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
         self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
+        self.pools = [self.k_cache, self.v_cache]  # everything indexed (L, NB, ...): what copy-on-write copies
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
         """K and V of one block in every layer: 2 * L * BS * Hkv * D * bytes per element."""
         return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
-    @staticmethod
+    @classmethod
     def num_blocks_for_memory(
-        memory_bytes: int, num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
+        cls, memory_bytes: int, num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
+        dtype: torch.dtype = torch.float32,
     ) -> int:
         """How many blocks fit in ``memory_bytes`` (e.g. a fraction of ``torch.cuda.mem_get_info()[0]``)."""
-        return int(memory_bytes // PagedKVCache.bytes_per_block(num_layers, block_size, num_kv_heads, head_dim, dtype))
+        return int(memory_bytes // cls.bytes_per_block(num_layers, block_size, num_kv_heads, head_dim, dtype))
 
     @property
     def nbytes(self) -> int:
-        return self.k_cache.nbytes + self.v_cache.nbytes
+        return sum(pool.nbytes for pool in self.pools)
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy-on-write: block dst becomes a copy of block src, in every layer, for each (src, dst) pair."""
         if not pairs:
             return
         src, dst = (torch.tensor(x, dtype=torch.long, device=self.k_cache.device) for x in zip(*pairs))
-        self.k_cache[:, dst] = self.k_cache[:, src]
-        self.v_cache[:, dst] = self.v_cache[:, src]
+        for pool in self.pools:
+            pool[:, dst] = pool[:, src]
+
+    # ---- how K/V go in and come out: the three places a cache with another storage format changes -------------
+    def _store(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """Write k, v (N, Hkv, D) at their flat pool slots (-1 = don't write)."""
+        store = store_kv if self.attention_backend == "triton" else store_kv_ref
+        store(k, v, self.k_cache[layer_idx], self.v_cache[layer_idx], slot_mapping)
+
+    def _read_blocks(
+        self, layer_idx: int, block_tables: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What decode attention reads: K and V pools (NB, BS, Hkv, D) and the block tables into them.
+
+        Here the layer's pools themselves, untouched: paged attention reads the blocks where they lie.
+        """
+        return self.k_cache[layer_idx], self.v_cache[layer_idx], block_tables
+
+    def _read_slots(self, layer_idx: int, slots: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V at flat pool slots (S,) -> (S, Hkv, D) each, gathered into one packed tensor."""
+        k_cache, v_cache = self.k_cache[layer_idx], self.v_cache[layer_idx]  # (NB, BS, Hkv, D)
+        return k_cache.view(-1, *k_cache.shape[2:])[slots], v_cache.view(-1, *v_cache.shape[2:])[slots]
 
     def attend(
         self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: PagedBatch
@@ -219,9 +241,7 @@ class PagedKVCache:
         if k.shape[1] != self.num_kv_heads:
             raise ValueError(f"k has {k.shape[1]} KV heads, the cache {self.num_kv_heads}")
         triton = self.attention_backend == "triton"
-        k_cache, v_cache = self.k_cache[layer_idx], self.v_cache[layer_idx]  # (NB, BS, Hkv, D)
-        store = store_kv if triton else store_kv_ref
-        store(k[0].transpose(0, 1), v[0].transpose(0, 1), k_cache, v_cache, batch.slot_mapping)  # (N, Hkv, D)
+        self._store(layer_idx, k[0].transpose(0, 1), v[0].transpose(0, 1), batch.slot_mapping)  # (N, Hkv, D)
 
         plan = batch.plan(self.block_size)
         out = torch.empty_like(q)
@@ -230,10 +250,11 @@ class PagedKVCache:
             tables, lens = batch.block_tables, batch.context_lens
             if plan.decode_tokens is not None:  # a mixed step: only the decoding sequences' rows
                 tables, lens = tables[plan.decode_rows], lens[plan.decode_rows]
+            k_pool, v_pool, tables = self._read_blocks(layer_idx, tables, q.dtype)
             if triton:
-                o_dec = paged_decode_attention(q_dec, k_cache, v_cache, tables, lens, max_context_len=plan.decode_max_len)
+                o_dec = paged_decode_attention(q_dec, k_pool, v_pool, tables, lens, max_context_len=plan.decode_max_len)
             else:
-                o_dec = paged_decode_attention_ref(q_dec, k_cache, v_cache, tables, lens)
+                o_dec = paged_decode_attention_ref(q_dec, k_pool, v_pool, tables, lens)
             if plan.decode_tokens is None:
                 out[0] = o_dec.transpose(0, 1)
             else:
@@ -241,8 +262,7 @@ class PagedKVCache:
         if plan.prefill_tokens is not None:
             # Gather every prefill chunk's whole context (its cached tokens, then the ones just written) into one
             # packed (sum S, Hkv, D) tensor, then one variable-length causal attention, bottom-right aligned.
-            k_ctx = k_cache.view(-1, *k_cache.shape[2:])[plan.prefill_slots]
-            v_ctx = v_cache.view(-1, *v_cache.shape[2:])[plan.prefill_slots]
+            k_ctx, v_ctx = self._read_slots(layer_idx, plan.prefill_slots, q.dtype)  # (sum S, Hkv, D) each
             q_pre = q[0, :, plan.prefill_tokens].transpose(0, 1).contiguous()  # (sum T, H, D)
             varlen = flash_attention_varlen if triton else flash_attention_varlen_ref
             o_pre = varlen(
