@@ -36,25 +36,36 @@ def causal_mask(T: int, S: int, device: torch.device | str | None = None) -> tor
     return j <= i + (S - T)
 
 
-def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    """Raise a clear error unless q (B, H, T, D), k, v (B, Hkv, S, D) fit together."""
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: tuple[str, ...]) -> None:
+    """Raise a clear error unless q, k, v are tensors with ``layout``'s axes that fit together.
+
+    layout names the axes, heads second and head dim D last: ("B", "heads", "tokens", "D") here, ("packed tokens",
+    "heads", "D") for packed batches (varlen.py). k and v must match; q shares D, dtype and device with them, and
+    its H heads must be a multiple of their Hkv heads (GQA).
+    """
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 4:
-            raise ValueError(f"{name} must have 4 dims (B, heads, tokens, D), got shape {tuple(x.shape)}")
+        if x.dim() != len(layout):
+            raise ValueError(f"{name} must have {len(layout)} dims ({', '.join(layout)}), got shape {tuple(x.shape)}")
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    B, H, T, D = q.shape
-    if k.shape[0] != B or k.shape[3] != D:
-        raise ValueError(f"k/v shape {tuple(k.shape)} does not match q shape {tuple(q.shape)} in batch or head dim")
-    Hkv = k.shape[1]
+    H, Hkv, D = q.shape[1], k.shape[1], q.shape[-1]
+    if k.shape[-1] != D:
+        raise ValueError(f"k/v head dim {k.shape[-1]} does not match q head dim {D}")
     if Hkv == 0 or H % Hkv != 0:
         raise ValueError(f"query heads H={H} must be a multiple of KV heads Hkv={Hkv}")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+
+
+def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Raise a clear error unless q (B, H, T, D), k, v (B, Hkv, S, D) fit together."""
+    check_qkv(q, k, v, ("B", "heads", "tokens", "D"))
+    if k.shape[0] != q.shape[0]:
+        raise ValueError(f"k/v shape {tuple(k.shape)} does not match q shape {tuple(q.shape)} in batch size")
 
 
 def attention_ref(

@@ -23,7 +23,7 @@ from minillm.attention.flash import (
     interpreter_dtype,
     kernel_config,
 )
-from minillm.attention.reference import attention_ref
+from minillm.attention.reference import attention_ref, check_qkv
 
 
 def check_varlen_inputs(
@@ -36,23 +36,7 @@ def check_varlen_inputs(
     max_seqlen_k: int,
 ) -> None:
     """Raise a clear error unless q (Nq, H, D), k, v (Nk, Hkv, D) and the cumulative lengths fit together."""
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 3:
-            raise ValueError(f"{name} must have 3 dims (packed tokens, heads, D), got shape {tuple(x.shape)}")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    H, D = q.shape[1], q.shape[2]
-    Hkv = k.shape[1]
-    if k.shape[2] != D:
-        raise ValueError(f"k/v head dim {k.shape[2]} does not match q head dim {D}")
-    if Hkv == 0 or H % Hkv != 0:
-        raise ValueError(f"query heads H={H} must be a multiple of KV heads Hkv={Hkv}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    check_qkv(q, k, v, ("packed tokens", "heads", "D"))
     for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
         if not isinstance(cu, torch.Tensor) or cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 2:
             raise TypeError(f"{name} must be a 1-D int32 tensor of num_seqs + 1 >= 2 offsets, got {cu!r:.80}")
