@@ -21,6 +21,7 @@ Explained in notebooks/04_paged_attention.ipynb.
 import math
 
 import torch
+import torch.nn.functional as F
 
 from minillm._triton import HAS_TRITON, tl, triton, triton_available
 from minillm.attention.flash import interpreter_dtype
@@ -186,14 +187,15 @@ def paged_decode_attention_ref(
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     acc_dtype = torch.promote_types(q.dtype, torch.float32)  # softmax in at least fp32
     blocks = block_tables.flatten()  # (B * max_blocks,): index_select copies whole blocks, faster than k_cache[tables]
-    k = k_cache.index_select(0, blocks).view(b, -1, hkv, d).to(acc_dtype)  # (B, S = max_blocks * BS, Hkv, D)
-    v = v_cache.index_select(0, blocks).view(b, -1, hkv, d).to(acc_dtype)  # the gather
-    # GQA without copying K/V per query head: query head j = kv * G + g reads KV head kv = j // G.
-    q_grouped = q.to(acc_dtype).view(b, hkv, h // hkv, d)  # (B, Hkv, G, D)
-    scores = torch.einsum("bkgd,bskd->bkgs", q_grouped, k) * scale  # (B, Hkv, G, S)
-    positions = torch.arange(k.shape[1], device=q.device)
-    scores = scores.masked_fill(positions >= context_lens[:, None, None, None], float("-inf"))
-    o = torch.einsum("bkgs,bskd->bkgd", scores.softmax(dim=-1), v)  # (B, Hkv, G, D)
+    k = k_cache.index_select(0, blocks).view(b, -1, hkv, d).transpose(1, 2)  # (B, Hkv, S = max_blocks * BS, D)
+    v = v_cache.index_select(0, blocks).view(b, -1, hkv, d).transpose(1, 2)  # the gather
+    visible = torch.arange(k.shape[2], device=q.device) < context_lens[:, None]  # (B, S): slots holding tokens
+    # GQA without copying K/V: the G = H / Hkv query heads that share KV head kv (heads kv * G ... kv * G + G - 1)
+    # are simply G query rows against that head's keys, so one decode token is a (G, S) attention per KV head.
+    q_grouped = q.view(b, hkv, h // hkv, d)  # (B, Hkv, G, D)
+    o = F.scaled_dot_product_attention(
+        q_grouped.to(acc_dtype), k.to(acc_dtype), v.to(acc_dtype), attn_mask=visible[:, None, None, :], scale=scale
+    )  # (B, Hkv, G, D)
     return o.reshape(b, h, d).to(q.dtype)
 
 
