@@ -16,6 +16,8 @@ batch sizes, not engines.
 Reported: output tokens/s = sum of requested output tokens / wall time (padding and over-generation don't count),
 time to first token (TTFT) and time per output token (TPOT) percentiles in ms, and speed ratios of minillm
 continuous to each peer. Defaults: on a GPU 256 requests with lengths in [64, 512]; on a CPU a small version.
+Each system serves the workload ``--repeats`` times, the systems taking turns, and its median run is reported (the
+JSON keeps every run's tokens/s): a CPU's speed drifts by 10-20% from one minute to the next.
 The issue's goals: continuous >= 2x static; >= 1.0x generate_batch on CPU and >= 1.5x on GPU.
 
 ``static_bound`` is the most FCFS continuous batching can gain over static batching on this workload if every step
@@ -67,28 +69,35 @@ def static_bound(out_lens: list[int], max_num_seqs: int) -> float:
     return static_steps / max(slot_free_at)
 
 
-def run_minillm(
+def make_minillm(
     model, tok, prompts, out_lens, scheduler: str, max_num_seqs: int, max_num_batched_tokens: int, max_len: int
-) -> dict:
+):
+    """Build and warm up an engine; -> a function that serves the workload once and returns its summary."""
     from minillm import LLM, SamplingParams
 
     # Enough blocks for max_num_seqs sequences at full length: this compares batching, not memory pressure.
     llm = LLM(model, tokenizer=tok, scheduler=scheduler, max_num_seqs=max_num_seqs,
-              max_num_batched_tokens=max_num_batched_tokens, num_kv_blocks=max_num_seqs * -(-2 * max_len // 16) + 16, enable_prefix_caching=False)
+              max_num_batched_tokens=max_num_batched_tokens,
+              num_kv_blocks=max_num_seqs * -(-2 * max_len // 16) + 16, enable_prefix_caching=False)
     llm.generate(prompts[:2], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)  # warm-up
     params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in out_lens]
-    _sync()
-    t0 = time.perf_counter()
-    outs = llm.generate(prompts, params, use_tqdm=False)
-    _sync()
-    elapsed = time.perf_counter() - t0
-    assert [len(o.token_ids) for o in outs] == out_lens
-    stats = llm.stats()
-    return summarize(
-        elapsed, out_lens, [o.metrics["ttft"] for o in outs], [o.metrics["tpot"] for o in outs if o.metrics["tpot"]],
-        num_steps=stats["num_steps"], mean_tokens_per_step=statistics.mean(stats["tokens_per_step"]),
-        mean_batch_size=statistics.mean(stats["batch_sizes"]), kv_waste_pct=stats["kv_waste_pct"],
-    )
+
+    def serve() -> dict:
+        _sync()
+        t0 = time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        _sync()
+        elapsed = time.perf_counter() - t0
+        assert [len(o.token_ids) for o in outs] == out_lens
+        stats = llm.stats()
+        return summarize(
+            elapsed, out_lens, [o.metrics["ttft"] for o in outs],
+            [o.metrics["tpot"] for o in outs if o.metrics["tpot"]],
+            num_steps=stats["num_steps"], mean_tokens_per_step=statistics.mean(stats["tokens_per_step"]),
+            mean_batch_size=statistics.mean(stats["batch_sizes"]), kv_waste_pct=stats["kv_waste_pct"],
+        )
+
+    return serve
 
 
 def run_hf_generate(hf_model, prompts, out_lens, batch_size: int, pad_id: int) -> dict:
@@ -184,42 +193,67 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-num-seqs", type=int, default=None, help="batch size of every system (64 GPU, 8 CPU)")
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget per step, every system")
     parser.add_argument("--peers", default="minillm_continuous,minillm_static,hf_generate,hf_generate_batch")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="runs per system, round robin; the median is kept (default 3 on CPU, 1 on GPU)")
     args = parser.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     gpu = device.type == "cuda"
     n = args.num_requests or (256 if gpu else 16)
     lo, hi = args.min_len or (64 if gpu else 8), args.max_len or (512 if gpu else 48)
     max_num_seqs = args.max_num_seqs or (64 if gpu else 8)
+    repeats = args.repeats or (1 if gpu else 3)
 
     from minillm.loading import embedded_gguf_path, load_model
 
     model, tok = load_model("smollm2-135m", device=device)
     dtype = next(model.parameters()).dtype
     prompts, out_lens = make_workload(n, lo, hi, model.config.vocab_size)
-    results: dict[str, dict] = {}
-    for name in args.peers.split(","):
-        print(f"[engine] {name} ...", flush=True)
-        try:
-            if name.startswith("minillm_"):
-                results[name] = run_minillm(model, tok, prompts, out_lens, name.split("_")[1], max_num_seqs,
-                                            args.max_num_batched_tokens, hi)
-            else:
-                from transformers import AutoModelForCausalLM
+    peers, hf = args.peers.split(","), None
 
-                path = embedded_gguf_path("smollm2-135m")
-                hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
-                hf = hf.to(device).eval()
-                with torch.no_grad():
-                    if name == "hf_generate":
-                        results[name] = run_hf_generate(hf, prompts, out_lens, max_num_seqs, tok.pad_token_id or 0)
-                    elif name == "hf_generate_batch":
-                        results[name] = run_hf_generate_batch(hf, prompts, out_lens, hi, max_num_seqs,
-                                                              args.max_num_batched_tokens)
-                    else:
-                        raise ValueError(f"unknown peer {name!r}")
-                del hf
-        except Exception as e:  # a peer that cannot run here (e.g. on CPU) is reported, not fatal: see the JSON
-            results[name] = {"error": f"{type(e).__name__}: {e}"}
+    def make_runner(name: str):
+        """A function that serves the workload once with system `name` (its model loaded, its engine warm)."""
+        nonlocal hf
+        if name.startswith("minillm_"):
+            return make_minillm(model, tok, prompts, out_lens, name.split("_")[1], max_num_seqs,
+                                args.max_num_batched_tokens, hi)
+        if hf is None:
+            from transformers import AutoModelForCausalLM
+
+            path = embedded_gguf_path("smollm2-135m")
+            hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+            hf = hf.to(device).eval()
+        if name == "hf_generate":
+            return lambda: run_hf_generate(hf, prompts, out_lens, max_num_seqs, tok.pad_token_id or 0)
+        if name == "hf_generate_batch":
+            return lambda: run_hf_generate_batch(hf, prompts, out_lens, hi, max_num_seqs, args.max_num_batched_tokens)
+        raise ValueError(f"unknown peer {name!r}")
+
+    # A peer that cannot run here is reported in the JSON, not fatal. The systems take turns, so a slow minute of a
+    # noisy machine lands on all of them rather than on whichever happened to run then.
+    errors, runners, runs = {}, {}, {name: [] for name in peers}
+    for name in peers:
+        try:
+            runners[name] = make_runner(name)
+        except Exception as e:
+            errors[name] = f"{type(e).__name__}: {e}"
+    with torch.no_grad():
+        for rep in range(repeats):
+            for name, serve in runners.items():
+                if name in errors:
+                    continue
+                print(f"[engine] {name} (run {rep + 1}/{repeats}) ...", flush=True)
+                try:
+                    runs[name].append(serve())
+                except Exception as e:
+                    errors[name] = f"{type(e).__name__}: {e}"
+    results: dict[str, dict] = {}
+    for name in peers:
+        if name in errors:
+            results[name] = {"error": errors[name]}
+        else:
+            by_speed = sorted(runs[name], key=lambda r: r["output_tokens_per_s"])
+            median = by_speed[len(by_speed) // 2]
+            results[name] = {**median, "output_tokens_per_s_runs": [r["output_tokens_per_s"] for r in runs[name]]}
         print(f"[engine] {name}: {results[name]}", flush=True)
     base = results.get("minillm_continuous", {}).get("output_tokens_per_s")
     ratios = {
@@ -229,7 +263,7 @@ def main(argv: list[str] | None = None) -> None:
     record = {
         "workload": {"num_requests": n, "min_len": lo, "max_len": hi, "max_num_seqs": max_num_seqs,
                      "max_num_batched_tokens": args.max_num_batched_tokens, "dtype": str(dtype), "ignore_eos": True,
-                     "arrivals": "all at t=0"},
+                     "arrivals": "all at t=0", "repeats": repeats, "reported": "the median run of each system"},
         "static_bound": static_bound(out_lens, max_num_seqs),
         "systems": results,
         "throughput_ratios": ratios,
@@ -237,4 +271,5 @@ def main(argv: list[str] | None = None) -> None:
     for path in write_results("engine", record, plot(results), args.out, device):
         print(f"[engine] wrote {path}")
     print(f"[engine] {environment_info(device)['device']}: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
-    print(f"[engine] static_bound {record['static_bound']:.2f}x (FCFS continuous over static at best, equal step costs)")
+    bound = record["static_bound"]
+    print(f"[engine] static_bound {bound:.2f}x (FCFS continuous over static at best, equal step costs)")
