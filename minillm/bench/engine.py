@@ -168,19 +168,23 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def plot(results: dict):
+def plot(results: dict, title: str):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = [n for n, r in results.items() if "output_tokens_per_s" in r]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for ax, key, title in zip(axes, ["output_tokens_per_s", "ttft_p50_ms", "tpot_p50_ms"],
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.9))
+    for ax, key, label in zip(axes, ["output_tokens_per_s", "ttft_p50_ms", "tpot_p50_ms"],
                               ["output tokens/s (higher is better)", "TTFT p50, ms", "TPOT p50, ms"]):
-        ax.bar(range(len(names)), [results[n][key] for n in names], color="tab:blue")
+        values = [results[n][key] for n in names]
+        bars = ax.bar(range(len(names)), values, color=["tab:blue" if n.startswith("minillm") else "tab:gray"
+                                                       for n in names])
+        ax.bar_label(bars, [f"{v:.0f}" for v in values], fontsize=8)
         ax.set_xticks(range(len(names)), [n.replace("_", "\n", 1) for n in names], fontsize=8)
-        ax.set_title(title)
+        ax.set_title(label)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -268,7 +272,10 @@ def main(argv: list[str] | None = None) -> None:
         "systems": results,
         "throughput_ratios": ratios,
     }
-    for path in write_results("engine", record, plot(results), args.out, device):
+    model_name = f"SmolLM2-135M {str(dtype).removeprefix('torch.')}"
+    title = (f"serving engine on {environment_info(device)['device']}, {model_name}: {n} requests, lengths uniform "
+             f"in [{lo}, {hi}], at most {max_num_seqs} sequences per step for every system, median of {repeats} runs")
+    for path in write_results("engine", record, plot(results, title), args.out, device):
         print(f"[engine] wrote {path}")
     print(f"[engine] {environment_info(device)['device']}: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
     bound = record["static_bound"]
