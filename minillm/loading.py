@@ -68,11 +68,22 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return device
 
 
+def has_native_bf16(device: torch.device) -> bool:
+    """Does this GPU compute in bf16 natively (NVIDIA Ampere, sm80, and newer)?
+
+    Not `torch.cuda.is_bf16_supported()`: it also counts bf16 that is emulated in fp32 (it says True on a T4, sm75),
+    which runs, but slower than fp16 and without tensor cores.
+    """
+    if torch.version.hip is not None:  # AMD: no compute capability to read; torch knows
+        return torch.cuda.is_bf16_supported()
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """None picks bf16 on GPUs that support it, fp16 on older GPUs (Colab's T4), fp32 on CPU."""
+    """None picks bf16 on GPUs with native bf16, fp16 on older GPUs (Colab's T4), fp32 on CPU."""
     if dtype is None:
         if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return torch.bfloat16 if has_native_bf16(device) else torch.float16
         return torch.float32
     if isinstance(dtype, str):
         if dtype not in DTYPES:

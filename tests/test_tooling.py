@@ -2,6 +2,8 @@
 
 import importlib
 import json
+import os
+import subprocess
 import sys
 import types
 
@@ -26,12 +28,58 @@ def test_doctor_reports_this_machine(capsys):
 def test_triton_status_names_the_mode(monkeypatch):
     d = importlib.import_module("minillm.doctor")  # the module: `minillm.doctor` itself is the function
 
-    monkeypatch.setattr(d, "HAS_TRITON", False)
-    assert triton_status(torch.device("cpu")) == "absent: torch fallbacks"
-    monkeypatch.setattr(d, "HAS_TRITON", True)
+    monkeypatch.setattr(d, "MODE", "absent")
+    assert triton_status(torch.device("cpu")).startswith("absent: torch fallbacks")
+    monkeypatch.setattr(d, "MODE", "compiled")
     assert triton_status(torch.device("cuda")) == "compiled (CUDA)"
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert triton_status(torch.device("cpu")) == "interpreter (TRITON_INTERPRET=1)"
+    monkeypatch.setattr(d, "MODE", "interpreter")
+    assert triton_status(torch.device("cpu")).startswith("interpreter (TRITON_INTERPRET=1")
+    monkeypatch.setattr(d, "MODE", "off")
+    assert "torch fallbacks" in triton_status(torch.device("cpu"))
+
+
+def test_minillm_turns_the_triton_interpreter_on_without_a_gpu():
+    """On a CPU, importing minillm alone (no TRITON_INTERPRET in the environment) makes its kernels run."""
+    script = (
+        "import os, torch, minillm\n"
+        "from minillm.attention.flash import flash_attention\n"
+        "assert os.environ['TRITON_INTERPRET'] == '1'\n"
+        "q = torch.randn(1, 2, 5, 16)\n"
+        "with minillm.count_kernel_launches() as launched:\n"
+        "    flash_attention(q, q, q)\n"
+        "print(dict(launched))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if torch.cuda.is_available():
+        pytest.skip("the interpreter is only switched on where there is no GPU")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "{'flash_attention': 1}"
+
+
+def test_count_kernel_launches_counts_only_inside_the_block():
+    from minillm._triton import count_kernel_launches, record_launch
+
+    record_launch("outside")
+    with count_kernel_launches() as launched:
+        record_launch("inside")
+        record_launch("inside")
+    record_launch("inside")
+    assert launched == {"inside": 2}
+
+
+@pytest.mark.parametrize(
+    "capability, expected", [((7, 5), torch.float16), ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)]
+)
+def test_default_dtype_is_fp16_without_native_bf16(monkeypatch, capability, expected):
+    """A T4 (sm75) emulates bf16, and torch.cuda.is_bf16_supported() says True there: fp16 is the right default."""
+    from minillm import loading
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.version, "hip", None)
+    assert loading.resolve_dtype(None, torch.device("cuda")) == expected
+    assert loading.resolve_dtype(None, torch.device("cpu")) == torch.float32
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ Notebook 02_attention explains the kernel block by block and benchmarks it again
 
 import torch
 
-from minillm._triton import HAS_TRITON, is_interpreter, tl, triton, triton_available
+from minillm._triton import HAS_TRITON, is_interpreter, record_launch, tl, triton, triton_available
 from minillm.attention.reference import attention_ref, check_attention_inputs
 
 LOG2E = 1.4426950408889634  # log2(e): exp(x) == exp2(x * LOG2E)
@@ -219,6 +219,7 @@ def flash_attention(
     o = torch.empty_like(q_in)
     cfg = kernel_config(T, D, run_dtype, block_m, block_n)
     grid = (triton.cdiv(T, cfg["BLOCK_M"]), B * H)
+    record_launch("flash_attention")
     _flash_attention_fwd_kernel[grid](
         q_in, k, v, o, None, None,
         T, S, H, scale * LOG2E,

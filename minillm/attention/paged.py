@@ -23,7 +23,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from minillm._triton import HAS_TRITON, tl, triton, triton_available
+from minillm._triton import HAS_TRITON, record_launch, tl, triton, triton_available
 from minillm.attention.flash import interpreter_dtype
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # others (float64) take the reference
@@ -257,6 +257,7 @@ def paged_decode_attention(
         mid_m = torch.empty(b, h, num_splits, device=q.device, dtype=torch.float32)
         mid_l = torch.empty_like(mid_m)
         m_strides = mid_m.stride()
+    record_launch("paged_decode")
     _paged_decode_kernel[(b, hkv, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens,
         mid_o, mid_m, mid_l,
@@ -267,6 +268,7 @@ def paged_decode_attention(
         BLOCK_D=max(16, triton.next_power_of_2(d)), FP32_DOT=q.dtype == torch.float32,
     )
     if num_splits > 1:
+        record_launch("paged_decode_combine")
         _paged_decode_combine_kernel[(b, h)](
             mid_o, mid_m, mid_l, out,
             num_splits, d,

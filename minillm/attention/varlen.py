@@ -14,10 +14,10 @@ in `flash.py` with IS_VARLEN=True. Notebook 02_attention introduces it; the engi
 
 import torch
 
-from minillm._triton import triton
+from minillm._triton import record_launch, triton
+from minillm.attention import flash
 from minillm.attention.flash import (
     LOG2E,
-    _flash_attention_fwd_kernel,
     can_launch,
     check_kernel_support,
     interpreter_dtype,
@@ -93,7 +93,8 @@ def flash_attention_varlen(
     cfg = kernel_config(max_seqlen_q, D, run_dtype, block_m, block_n)
     grid = (triton.cdiv(max_seqlen_q, cfg["BLOCK_M"]), num_seqs * H)
     # Packed layout (N, heads, D): no batch stride; the token stride moves along the packed axis.
-    _flash_attention_fwd_kernel[grid](
+    record_launch("flash_attention_varlen")
+    flash._flash_attention_fwd_kernel[grid](  # defined only where triton is installed
         q_in, k, v, o, cu_seqlens_q, cu_seqlens_k,
         0, 0, H, scale * LOG2E,
         0, q_in.stride(1), q_in.stride(0), q_in.stride(2),

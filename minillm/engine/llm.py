@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from minillm._triton import HAS_TRITON
+from minillm._triton import triton_available
 from minillm.engine.recompute import RecomputeEngine
 from minillm.engine.request import Detokenizer, RequestOutput, Sequence
 from minillm.engine.sampling import SamplingParams
@@ -81,7 +81,7 @@ class LLM:
 
             quantize_model(self.model, quantization, tokenizer=self.tokenizer)  # AWQ tokenizes its calibration text
         if attention_backend == "auto":
-            attention_backend = "triton" if self.device.type == "cuda" and HAS_TRITON else "reference"
+            attention_backend = "triton" if self.device.type == "cuda" and triton_available(self.device) else "reference"
         self.attention_backend = attention_backend
         self.model.set_attention_backend(attention_backend)
         self.max_model_len = min(max_model_len or self.config.max_position_embeddings, self.config.max_position_embeddings)

@@ -9,7 +9,7 @@ notebooks/04_paged_attention.ipynb.
 
 import torch
 
-from minillm._triton import HAS_TRITON, tl, triton, triton_available
+from minillm._triton import HAS_TRITON, record_launch, tl, triton, triton_available
 
 if HAS_TRITON:
 
@@ -81,6 +81,7 @@ def store_kv(
     n, hkv, d = k.shape
     if n == 0:
         return
+    record_launch("store_kv")
     _store_kv_kernel[(n,)](
         k, v, k_cache, v_cache, slot_mapping,
         hkv, d,

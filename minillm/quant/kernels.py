@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from minillm._triton import HAS_TRITON, tl, triton
+from minillm._triton import HAS_TRITON, record_launch, tl, triton
 from minillm.quant.numerics import unpack_int4
 
 GEMV_MAX_ROWS = 16  # up to this many rows (tokens), the GEMV path; above it, the tiled GEMM
@@ -164,6 +164,7 @@ def dequant_gemv(
     out = torch.empty((M, N), device=x.device, dtype=x.dtype)
     BLOCK_N, BLOCK_K = 64, _block_k(K, group_size)
     grid = (triton.cdiv(N, BLOCK_N), M)
+    record_launch("dequant_gemv")
     _dequant_gemv_kernel[grid](
         x, qweight, scales, scales if zeros is None else zeros, out,
         N, K, group_size,
@@ -182,6 +183,7 @@ def dequant_gemm(
     out = torch.empty((M, N), device=x.device, dtype=x.dtype)
     BLOCK_M, BLOCK_N, BLOCK_K = 32, 64, _block_k(K, group_size)
     grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_N))
+    record_launch("dequant_gemm")
     _dequant_gemm_kernel[grid](
         x, qweight, scales, scales if zeros is None else zeros, out,
         M, N, K, group_size,
