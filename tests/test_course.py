@@ -1,6 +1,5 @@
 """The solutions -> exercises tooling on a toy course: stub generation, determinism, sync check, and grading."""
 
-import shutil
 from pathlib import Path
 
 import nbformat
@@ -8,7 +7,6 @@ import pytest
 
 from minillm import course
 
-REPO = Path(__file__).resolve().parents[1]
 
 EXERCISE_CELL = '''# Exercise 1.1: square a tensor
 def square(x):
@@ -46,8 +44,6 @@ def toy_solution() -> nbformat.NotebookNode:
 @pytest.fixture
 def toy_root(tmp_path: Path) -> Path:
     (tmp_path / "solutions").mkdir()
-    (tmp_path / "tests").mkdir()
-    shutil.copy(REPO / "tests" / "nbval_sanitize.cfg", tmp_path / "tests")
     (tmp_path / "solutions" / "01_toy.ipynb").write_text(course.render(toy_solution()))
     return tmp_path
 

@@ -1,7 +1,7 @@
 """Every notebook runs under nbval, exercises are in sync with solutions, and every shipped exercise fails.
 
 Lecture notebooks run under `--nbval-lax` (any error fails; only `# NBVAL_CHECK_OUTPUT` cells are compared),
-solutions under `--nbval` (all outputs compared, sanitized by tests/nbval_sanitize.cfg, except
+solutions under `--nbval` (all outputs compared, sanitized by minillm/grading/nbval_sanitize.cfg, except
 `# NBVAL_IGNORE_OUTPUT` cells). Each notebook runs in its own pytest subprocess, as a learner would run it, with
 Triton's interpreter when there is no GPU. A notebook with no exercises yet is fine: the parametrizations are empty.
 """

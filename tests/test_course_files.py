@@ -1,0 +1,62 @@
+"""The notebooks' shared furniture holds: one install cell and Colab metadata everywhere, README badges for every
+lecture, all from pyproject's Repository; no machine paths and no stuck progress bars in any stored output."""
+
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from minillm import course, notebooks
+
+ROOT = Path(__file__).resolve().parents[1]
+ALL_NOTEBOOKS = sorted(ROOT.glob("[ens]*/[0-9][0-9]_*.ipynb"))  # exercises/, notebooks/, solutions/
+
+
+def test_install_cells_metadata_and_badges_agree_with_pyproject():
+    problems = notebooks.check_sync(ROOT)
+    assert not problems, "run `python -m minillm.course sync`:\n" + "\n".join(problems)
+
+
+def test_citation_names_the_same_repository():
+    assert f'repository-code: "{notebooks.repository_url(ROOT)}"' in (ROOT / "CITATION.cff").read_text()
+
+
+@pytest.mark.parametrize("path", ALL_NOTEBOOKS, ids=[f"{p.parent.name}/{p.name}" for p in ALL_NOTEBOOKS])
+def test_stored_outputs_hold_no_machine_paths_and_no_progress_bars(path):
+    nb = course.read_notebook(path)
+    assert not notebooks.local_paths(nb), f"absolute paths in stored outputs: {notebooks.local_paths(nb)}"
+    assert not notebooks.progress_bars(nb), f"progress bars in stored outputs: {notebooks.progress_bars(nb)}"
+
+
+@pytest.mark.parametrize(
+    "text", ["/home/ada/minillm/x.json", "in /tmp/venv/lib", "C:\\Users\\ada", "'/work/main/benchmarks'", "~/x"]
+)
+def test_local_path_detector_finds(text):
+    assert notebooks.LOCAL_PATH.search(text)
+
+
+@pytest.mark.parametrize(
+    "text", ["https://github.com/home/x", "benchmarks/results/engine-cpu.json", "tokens/s", "1/2 checks", "a/b"]
+)
+def test_local_path_detector_ignores(text):
+    assert not notebooks.LOCAL_PATH.search(text)
+
+
+def test_drop_progress_bars_keeps_everything_else():
+    nb = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell("work()")
+    cell.outputs = [
+        nbformat.v4.new_output("stream", name="stderr", text="decoding:   0%|    | 0/272 [00:00<?, ?it/s]\r"
+                                                             "decoding: 100%|####| 272/272 [00:02<00:00]\n"),
+        nbformat.v4.new_output("stream", name="stderr", text="a real warning\n"),
+        nbformat.v4.new_output(
+            "display_data",
+            data={"text/plain": "Loading:   0%|          | 0/272 [00:00<?, ?it/s]",
+                  "application/vnd.jupyter.widget-view+json": {"model_id": "x", "version_major": 2}},
+        ),
+        nbformat.v4.new_output("stream", name="stdout", text="42\n"),
+    ]
+    nb.cells = [cell]
+    notebooks.drop_progress_bars(nb)
+    assert [o.get("text") for o in cell.outputs] == ["a real warning\n", "42\n"]
+    assert not notebooks.progress_bars(nb)
