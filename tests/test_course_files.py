@@ -1,6 +1,7 @@
 """The notebooks' shared furniture holds: one install cell and Colab metadata everywhere, README badges for every
 lecture, all from pyproject's Repository; no machine paths and no stuck progress bars in any stored output."""
 
+import re
 from pathlib import Path
 
 import nbformat
@@ -60,3 +61,17 @@ def test_drop_progress_bars_keeps_everything_else():
     notebooks.drop_progress_bars(nb)
     assert [o.get("text") for o in cell.outputs] == ["a real warning\n", "42\n"]
     assert not notebooks.progress_bars(nb)
+
+
+KERNEL_CLAIM = re.compile(r"kernel[^\n]*(==|\bmatch)", re.IGNORECASE)
+LECTURES = sorted(ROOT.glob("notebooks/[0-9][0-9]_*.ipynb"))
+
+
+@pytest.mark.parametrize("path", LECTURES, ids=[p.name for p in LECTURES])
+def test_a_kernel_claim_proves_the_kernel_ran(path):
+    """A cell that prints that a kernel matches must count its launches: on a CPU without the interpreter the
+    launchers fall back to the reference, and "kernel == reference" would compare the reference with itself."""
+    for i, cell in enumerate(course.read_notebook(path).cells):
+        printed = "".join(o.get("text", "") for o in cell.get("outputs", []))
+        if cell.cell_type == "code" and KERNEL_CLAIM.search(printed):
+            assert "count_kernel_launches" in cell.source, f"cell {i} claims a kernel result: {printed[:200]!r}"
