@@ -167,9 +167,10 @@ def run_and_store(path: Path, timeout_s: int = 1200) -> float:
     from nbclient import NotebookClient  # lazy: only maintainers regenerate outputs
 
     nb = read_notebook(path)
+    nb.metadata.pop("widgets", None)  # a previous run's widget state: large, and GitHub shows the static figure
     start = time.perf_counter()
     NotebookClient(nb, timeout=timeout_s, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}},
-                   store_widget_state=True).execute()
+                   store_widget_state=False).execute()
     drop_progress_bars(nb)
     path.write_text(render(nb), encoding="utf-8")
     return time.perf_counter() - start

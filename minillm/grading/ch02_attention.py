@@ -134,16 +134,18 @@ def check_tiled_attention(fn: Callable) -> None:
 def check_softmax_kernel(fn: Callable) -> None:
     """Exercise 2.4. `fn(x) -> y`: row softmax of a 2-D fp32 tensor by a Triton kernel, one program per row.
 
-    Runs on CUDA when available, else on the CPU under Triton's interpreter (TRITON_INTERPRET=1 set before the
-    kernel is defined, which `python -m minillm.course` and the tests do).
+    Runs on CUDA when available, else on the CPU in Triton's interpreter, which importing minillm switches on when
+    there is no GPU (before the learner's kernel is defined).
     """
     from minillm._triton import triton_available
+    from minillm.doctor import triton_status
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if not triton_available(device):
         raise AssertionError(
-            "Exercise 2.4 (row-softmax kernel): Triton cannot run here. On a CPU, start Jupyter with "
-            "TRITON_INTERPRET=1 in the environment (e.g. `TRITON_INTERPRET=1 jupyter lab`), or use a GPU runtime."
+            "Exercise 2.4 (row-softmax kernel): Triton cannot run here: "
+            f"{triton_status(torch.device(device))}. Triton exists for Linux only (pip install triton); on a CPU, minillm runs "
+            "kernels in Triton's interpreter unless TRITON_INTERPRET=0 is set. Or use a GPU runtime."
         )
 
     def run(x):
