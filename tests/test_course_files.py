@@ -75,3 +75,22 @@ def test_a_kernel_claim_proves_the_kernel_ran(path):
         printed = "".join(o.get("text", "") for o in cell.get("outputs", []))
         if cell.cell_type == "code" and KERNEL_CLAIM.search(printed):
             assert "count_kernel_launches" in cell.source, f"cell {i} claims a kernel result: {printed[:200]!r}"
+
+
+# A sentence that gives a quantity (a ratio, a percentage, a time, a rate) as observed "here" was typed from one run:
+# the next run may contradict it. Such numbers are printed from the measurement (display(Markdown(f"..."))) or
+# asserted in a `# NBVAL_CHECK_OUTPUT` cell, never typed; a sentence that states such a bound says so ("checked").
+# Datasheet figures, formulas, settings and citations are not "here".
+QUANTITY = re.compile(r"\d+(?:\.\d+)?\s?(?:×|x\b|%|ms\b|µs\b|tok/s|tokens/s|GB/s|TB/s|GFLOP/s|TFLOP/s)")
+OBSERVED_HERE = re.compile(r"\b(?:here|this (?:machine|device|run|CPU|GPU|laptop))\b", re.IGNORECASE)
+
+
+@pytest.mark.parametrize("path", LECTURES, ids=[p.name for p in LECTURES])
+def test_no_measured_number_is_typed_into_the_text(path):
+    typed = []
+    for i, cell in enumerate(course.read_notebook(path).cells):
+        if cell.cell_type == "markdown":
+            for sentence in re.split(r"(?<=[.!?;])\s+", cell.source):
+                if QUANTITY.search(sentence) and OBSERVED_HERE.search(sentence) and "checked" not in sentence:
+                    typed.append(f"cell {i}: {' '.join(sentence.split())[:160]}")
+    assert not typed, "numbers typed as measured here; print them from the result instead:\n" + "\n".join(typed)
