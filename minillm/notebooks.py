@@ -167,10 +167,12 @@ def run_and_store(path: Path, timeout_s: int = 1200) -> float:
     from nbclient import NotebookClient  # lazy: only maintainers regenerate outputs
 
     nb = read_notebook(path)
-    nb.metadata.pop("widgets", None)  # a previous run's widget state: large, and GitHub shows the static figure
     start = time.perf_counter()
+    # nbclient must track widget state (a widget writing into an Output fails without it); the state is not stored:
+    # it is large, and where widgets are not rendered (GitHub) the notebook's static figure stands in for them.
     NotebookClient(nb, timeout=timeout_s, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}},
-                   store_widget_state=False).execute()
+                   store_widget_state=True).execute()
+    nb.metadata.pop("widgets", None)
     drop_progress_bars(nb)
     path.write_text(render(nb), encoding="utf-8")
     return time.perf_counter() - start

@@ -6,7 +6,7 @@
   it dispatches to FlashAttention-2 or cuDNN kernels);
 - ``reference``: the materialized-scores oracle (`attention_ref`), where its T x T matrix fits (CPU, and GPU up to 4k);
 - ``online``: the tiled online-softmax torch loop (CPU only: it is a teaching loop, not a fast path).
-It reports TFLOP/s and the ratio to SDPA. The GPU default is bf16, T = 512..16k, D = 64 and 128 (the issue's goal:
+It reports TFLOP/s and the ratio to SDPA. The GPU default is bf16, T = 512..16k, D = 64 and 128 (the target:
 flash >= 0.9x SDPA at T >= 4k on an H100); the CPU default is small fp32 shapes and is informational only.
 Notebook 02_attention shows the plot.
 """

@@ -12,7 +12,7 @@ per sequence) with:
 Decode attention is memory-bound, so it reports achieved bandwidth, GB/s = bytes of K and V read / time, with
 bytes = 2 (K and V) * B * S * Hkv * D * bytes per element (q and o are B * H * D each: negligible), the ratio to SDPA,
 and on a GPU the fraction of the device's peak bandwidth (datasheet, `minillm.bench.roofline.peak_specs`, else a
-measured copy). The issue's goal on an H100: at long contexts >= 80% of peak and <= 1.1x SDPA's time.
+measured copy). The target on an H100: at long contexts >= 80% of peak and <= 1.1x SDPA's time.
 Notebook 04_paged_attention shows the plot.
 """
 

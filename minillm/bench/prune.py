@@ -4,7 +4,7 @@
 - ``linear``: ``F.linear(x, W)`` at prefill shapes (M tokens x K inputs -> N outputs) with W dense against the same
   W pruned 2:4 and compressed by ``torch.sparse.to_sparse_semi_structured`` (cuSPARSELt/CUTLASS sparse tensor cores),
   fp16. Reported in dense-equivalent TFLOP/s, ``2 * M * N * K / time``, and as the ratio dense time / sparse time
-  (the issue's goal: >= 1.2x at M >= 2048 on an H100). On CPU there are no sparse tensor cores: the row times the
+  (the target: >= 1.2x at M >= 2048 on an H100). On CPU there are no sparse tensor cores: the row times the
   dense matmul of the 2:4-zeroed weight instead, to show that zeros alone are not faster (informational).
 - ``decode``: greedy decoding tokens/s of a random-weight Llama (speed depends on shapes only) before and after
   structured pruning (``prune_heads`` by KV groups, ``prune_mlp_channels``), with minillm's contiguous KV cache.
