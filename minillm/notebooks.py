@@ -171,7 +171,9 @@ def run_and_store(path: Path, timeout_s: int = 1200) -> float:
     # nbclient must track widget state (a widget writing into an Output fails without it); the state is not stored:
     # it is large, and where widgets are not rendered (GitHub) the notebook's static figure stands in for them.
     NotebookClient(nb, timeout=timeout_s, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}},
-                   store_widget_state=True).execute()
+                   store_widget_state=True, shutdown_kernel="immediate",
+                   on_cell_start=lambda cell, cell_index: print(f"  {path.name} cell {cell_index}", flush=True),
+                   ).execute()
     nb.metadata.pop("widgets", None)
     drop_progress_bars(nb)
     path.write_text(render(nb), encoding="utf-8")
