@@ -21,6 +21,8 @@ from minillm.prune import (
     prune_model,
 )
 
+pytestmark = pytest.mark.slow  # the real model, about a minute: out of `make test-fast`
+
 EVAL_TOKENS = 1024
 CALIBRATION_TOKENS = 1024
 
