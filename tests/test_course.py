@@ -1,12 +1,13 @@
 """The solutions -> exercises tooling on a toy course: stub generation, determinism, sync check, and grading."""
 
+import csv
+import json
 from pathlib import Path
 
 import nbformat
 import pytest
 
 from minillm import course
-
 
 EXERCISE_CELL = '''# Exercise 1.1: square a tensor
 def square(x):
@@ -92,7 +93,8 @@ def test_build_exercise_cells_outputs_and_note():
     assert cell.outputs == [] and cell.execution_count is None
     assert cell.metadata["minillm"] == {"exercise": "1.1"}
     assert "nbval-ignore-output" in cell.metadata["tags"]
-    assert check.outputs[0].text == "Exercise 1.1 passed: 2/2 checks\n", "check cells keep the expected verdict"
+    assert check.outputs == [] and check.execution_count is None, "no verdict before the learner runs the check"
+    assert "NBVAL_CHECK_OUTPUT" not in check.source and "exercise(\"1.1\"" in check.source
     assert course.exercise_cells(ex) == {"1.1": 3}
 
 
@@ -159,20 +161,20 @@ def test_missing_cell_ids_get_deterministic_ones():
     )
 
 
-def _learner_copy(root: Path, answer: str | None) -> Path:
-    """The built exercise as a learner saved it: their answer in the exercise cell (None: cell deleted)."""
+def _learner_copy(root: Path, answer: str | None, name: str = "01_toy.ipynb", extra: str = "") -> Path:
+    """The built exercise as a learner saved it: their answer in the exercise cell (None: cell deleted), `extra`
+    code appended to it, and a forged verdict stored under the check cell."""
     nb = course.read_notebook(root / "exercises" / "01_toy.ipynb")
     i = course.exercise_cells(nb)["1.1"]
-    # Whatever the learner saved as the check cell's output must not matter.
-    verdict = "Exercise 1.1 passed: 2/2 checks\n"
-    nb.cells[i + 1].outputs = [nbformat.v4.new_output("stream", name="stdout", text=verdict)]
+    nb.cells[i + 1].outputs = [nbformat.v4.new_output("stream", name="stdout", text="Exercise 1.1 passed: 2/2 checks\n")]
     if answer is None:
         del nb.cells[i]
     else:
         stub = '    # YOUR CODE HERE\n    raise NotImplementedError("Exercise 1.1: square a tensor")'
         assert stub in nb.cells[i].source
-        nb.cells[i].source = nb.cells[i].source.replace(stub, answer)
-    path = root / "01_toy.ipynb"
+        nb.cells[i].source = nb.cells[i].source.replace(stub, answer) + extra
+    path = root / "submissions" / name
+    path.parent.mkdir(exist_ok=True)
     path.write_text(course.render(nb))
     return path
 
@@ -182,23 +184,50 @@ def test_nbval_solution_passes_and_stub_fails(toy_root: Path):
     course.build(toy_root)
     solved = course.run_nbval(toy_root / "solutions" / "01_toy.ipynb", toy_root)
     assert solved.returncode == 0, solved.stdout
-    stub = course.run_nbval(toy_root / "exercises" / "01_toy.ipynb", toy_root)
+    stub = course.run_nbval(toy_root / "exercises" / "01_toy.ipynb", toy_root, lax=True)
     assert stub.returncode != 0
     assert "Exercise 1.1 (square a tensor): not implemented yet" in stub.stdout
 
 
+# An answer cell that disarms the checks it can reach: the comparison used by the check cell becomes a no-op.
+FORGED_CHECK = """
+import minillm.grading
+minillm.grading.assert_close = minillm.grading.framework.assert_close = lambda *args, **kwargs: None
+"""
+
+
 @pytest.mark.slow
-def test_grade_right_wrong_and_missing_answers(toy_root: Path, capsys):
+def test_grade_a_class(toy_root: Path, capsys):
+    """Right, wrong, forged, missing, renamed, endless, broken and absent submissions: one row each, never a hang."""
     course.build(toy_root)
-    right = _learner_copy(toy_root, "    return x ** 2")
-    assert course.grade(right, toy_root) == 0
-    assert "PASS 01_toy.ipynb" in capsys.readouterr().out
+    _learner_copy(toy_root, "    return x ** 2", "01_toy.ipynb")
+    _learner_copy(toy_root, "    return 2 * x", "01_toy_wrong.ipynb")
+    _learner_copy(toy_root, "    return 2 * x", "01_toy_forged.ipynb", extra=FORGED_CHECK)
+    _learner_copy(toy_root, None, "01_toy_missing.ipynb")
+    _learner_copy(toy_root, "    return x * x", "01_toy (1).ipynb")
+    _learner_copy(toy_root, "    return x * x", "01_toy_endless.ipynb", extra="\nwhile True:\n    pass\n")
+    (toy_root / "submissions" / "01_toy_broken.ipynb").write_text('{"cells": [')
+    out = toy_root / "grades"
+    status = course.main(["--root", str(toy_root), "grade", str(toy_root / "submissions"),
+                          str(toy_root / "01_gone.ipynb"), "--out", str(out), "--timeout", "30"])
+    assert status == 1
+    rows = {r["notebook"]: r for r in json.loads((out / "grades.json").read_text())}
+    assert rows["01_toy.ipynb"]["passed"] and rows["01_toy (1).ipynb"]["passed"]
+    assert "check 1 failed: matches x * x" in rows["01_toy_wrong.ipynb"]["message"]
+    assert not rows["01_toy_forged.ipynb"]["passed"], "a forged check changed the verdict"
+    assert "no answer cell" in rows["01_toy_missing.ipynb"]["message"]
+    assert rows["01_toy_endless.ipynb"]["message"] == "timed out after 30 s"
+    assert "01_toy_broken.ipynb: not a readable notebook" in rows["01_toy_broken.ipynb"]["message"]
+    assert "01_gone.ipynb: no such file" in rows["01_gone.ipynb"]["message"]
+    with open(out / "grades.csv") as f:
+        assert len(list(csv.DictReader(f))) == len(rows)
+    assert "2/8 exercises passed" in capsys.readouterr().out
 
-    wrong = _learner_copy(toy_root, "    return 2 * x")
-    assert course.grade(wrong, toy_root) != 0
-    out = capsys.readouterr().out
-    assert "check 1 failed: matches x * x" in out and "FAIL 01_toy.ipynb" in out
 
-    missing = _learner_copy(toy_root, None)
-    assert course.grade(missing, toy_root) == 1
-    assert "no answer cell for Exercise 1.1" in capsys.readouterr().out
+def test_grader_environment_holds_no_secrets(monkeypatch):
+    from minillm import grader
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "hunter2")
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    env = grader.minimal_environment()
+    assert "AWS_SECRET_ACCESS_KEY" not in env and "HF_TOKEN" not in env and "PATH" in env

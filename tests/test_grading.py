@@ -72,6 +72,18 @@ def test_right_answer_passes_with_one_line(check, answer, capsys):
     assert capsys.readouterr().out == out, "the verdict line must be deterministic"
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("check, answer", RIGHT_ANSWERS)
+def test_right_answer_passes_on_20_seeds(check, answer, monkeypatch, capsys):
+    """The random cases never reject a right answer: 20 seeds, the same verdict line each time."""
+    verdicts = set()
+    for seed in range(20):
+        monkeypatch.setenv("MINILLM_GRADING_SEED", str(seed))
+        check(answer)
+        verdicts.add(capsys.readouterr().out)
+    assert len(verdicts) == 1, verdicts
+
+
 @pytest.mark.parametrize("check, answer", WRONG_ANSWERS)
 def test_wrong_answer_fails(check, answer, capsys):
     with pytest.raises(AssertionError, match=r"Exercise \d+\.\d+ .*check \d+ failed"):
@@ -98,8 +110,33 @@ def test_first_failing_sub_check_is_named_and_later_ones_do_not_run():
             ex.check("first", lambda: ran.append(1))
             ex.check("second", lambda: assert_equal(1, 2, what="answer"))
             ex.check("third", lambda: ran.append(3))
-    assert str(info.value) == "Exercise 2.1 (toy), check 2 failed: second\nanswer: expected 2, got 1"
+    assert str(info.value).startswith("Exercise 2.1 (toy), check 2 failed: second\nanswer: expected 2, got 1\n")
     assert ran == [1]
+
+
+def test_a_failure_names_the_seed_that_replays_its_random_cases(monkeypatch):
+    def draw_and_fail():
+        with exercise("2.5", "toy") as ex:
+            drawn = ex.randn(3)
+            ex.check("fails", lambda: assert_equal(1, 2))
+        return drawn
+
+    with pytest.raises(AssertionError) as info:
+        draw_and_fail()
+    seed = int(re.search(r"set MINILLM_GRADING_SEED=(\d+) to draw them again", str(info.value))[1])
+    monkeypatch.setenv("MINILLM_GRADING_SEED", str(seed))
+    with exercise("2.5", "toy") as ex:
+        ex.check("same seed, same draws", lambda: None)
+    assert ex.seed == seed
+    assert torch.equal(ex.randn(3), grading.Exercise("2.5", "toy").randn(3))
+    monkeypatch.setenv("MINILLM_GRADING_SEED", "abc")
+    with pytest.raises(ValueError, match="MINILLM_GRADING_SEED must be an integer seed, got 'abc'"):
+        grading.Exercise("2.5", "toy")
+
+
+def test_fresh_seeds_differ_between_runs(monkeypatch):
+    monkeypatch.delenv("MINILLM_GRADING_SEED", raising=False)
+    assert len({grading.Exercise("2.6", "toy").seed for _ in range(5)}) > 1
 
 
 def test_a_crash_in_learner_code_fails_the_sub_check():

@@ -22,14 +22,17 @@ Writing a check::
 
 The stub the learner starts from raises ``NotImplementedError``; ``ex.check`` turns that into an AssertionError that
 says "not implemented yet". Any other exception raised by the learner's code (a shape error, say) also fails the
-sub-check, with the exception named. Inputs come from ``randn``/``generator`` with fixed seeds, drawn on the CPU, so
-the inputs, and therefore the printed line, are the same on every machine.
+sub-check, with the exception named. A check runs fixed cases (``randn``/``generator`` with fixed seeds, drawn on the
+CPU: the same on every machine) and fresh random cases drawn from ``ex.randn``/``ex.randint``/``ex.rng``, new on
+every run: odd and size-1 shapes, lengths around block boundaries, degenerate rows. A failure names the seed
+(``MINILLM_GRADING_SEED`` replays it); the printed line on success is the same whatever the seed.
 
 The framework is in ``framework.py``; each chapter's checks live in ``chNN_topic.py``, re-exported here. Every check has
 a plausible wrong answer in ``tests/test_grading.py`` that it must reject.
 """
 
 from minillm.grading.framework import (  # noqa: F401
+    SEED_VARIABLE,
     Exercise,
     assert_close,
     assert_equal,

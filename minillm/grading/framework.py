@@ -1,24 +1,56 @@
-"""The grading framework: `exercise(...)` runs sub-checks and prints one line; seeded inputs; readable asserts.
+"""The grading framework: `exercise(...)` runs sub-checks and prints one line; fresh random cases; readable asserts.
 
 See the package docstring (``minillm/grading/__init__.py``) for how a check is written.
 """
 
 from __future__ import annotations
 
+import os
+import random
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 
+SEED_VARIABLE = "MINILLM_GRADING_SEED"
+
+
+def fresh_seed() -> int:
+    """The seed of one check's random cases: $MINILLM_GRADING_SEED when set (to replay a failure), else a new one."""
+    value = os.environ.get(SEED_VARIABLE)
+    if value is None:
+        return random.SystemRandom().randrange(2**31)
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{SEED_VARIABLE} must be an integer seed, got {value!r}") from None
+
 
 class Exercise:
-    """Runs the sub-checks of one exercise in order and stops at the first failure."""
+    """Runs the sub-checks of one exercise in order and stops at the first failure.
+
+    Besides its fixed cases, a check draws fresh random cases on every run from ``ex.randn``, ``ex.randint`` and
+    ``ex.rng`` (a ``random.Random``), all seeded by ``ex.seed``; a failure message names the seed, so the learner
+    can replay exactly those inputs with ``MINILLM_GRADING_SEED``. The verdict line on success does not depend on it.
+    """
 
     def __init__(self, number: str, title: str):
         self.number = number
         self.title = title
         self.num_passed = 0
+        self.seed = fresh_seed()
+        self.rng = random.Random(self.seed)
+        self._generator = torch.Generator(device="cpu").manual_seed(self.seed)
+
+    def randn(self, *shape: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+              ) -> torch.Tensor:
+        """A fresh standard normal tensor from this check's seed, drawn on the CPU and then moved."""
+        return torch.randn(*shape, generator=self._generator).to(device=device, dtype=dtype)
+
+    def randint(self, low: int, high: int, *shape: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Fresh integers in [low, high) of `shape` (int64) from this check's seed."""
+        return torch.randint(low, high, shape, generator=self._generator).to(device)
 
     @property
     def name(self) -> str:
@@ -35,14 +67,18 @@ class Exercise:
                 f"function with your code, run that cell, then run this check again."
             ) from None  # the stub's own traceback would only add noise
         except AssertionError as e:
-            raise AssertionError(f"{self.name}, check {index} failed: {description}\n{e}") from None
+            raise AssertionError(f"{self.name}, check {index} failed: {description}\n{e}{self._replay}") from None
         except Exception as e:  # the learner's code crashed: report it as this sub-check failing
             raise AssertionError(
                 f"{self.name}, check {index} failed: {description}\n"
-                f"your code raised {type(e).__name__}: {e}"
+                f"your code raised {type(e).__name__}: {e}{self._replay}"
             ) from e
         self.num_passed += 1
         return result
+
+    @property
+    def _replay(self) -> str:
+        return f"\n(random cases from seed {self.seed}: set {SEED_VARIABLE}={self.seed} to draw them again)"
 
 
 @contextmanager
