@@ -28,7 +28,7 @@ every run: odd and size-1 shapes, lengths around block boundaries, degenerate ro
 (``MINILLM_GRADING_SEED`` replays it); the printed line on success is the same whatever the seed.
 
 The framework is in ``framework.py``; each chapter's checks live in ``chNN_topic.py``, re-exported here. Every check has
-a plausible wrong answer in ``tests/test_grading.py`` that it must reject.
+plausible wrong answers in ``tests/answers/chNN_topic.py`` that it must reject.
 """
 
 from minillm.grading.framework import (  # noqa: F401
@@ -42,45 +42,11 @@ from minillm.grading.framework import (  # noqa: F401
     randint,
     randn,
 )
-from minillm.grading.ch01_llm_from_scratch import (  # noqa: F401
-    check_rmsnorm,
-    check_rope,
-    check_repeat_kv,
-    check_top_p,
-    check_swiglu_mlp,
-)
-from minillm.grading.ch02_attention import (  # noqa: F401
-    check_masked_attention,
-    check_online_softmax_step,
-    check_tiled_attention,
-    check_softmax_kernel,
-)
-from minillm.grading.ch03_kv_cache import (  # noqa: F401
-    check_kv_bytes_per_token,
-    check_decode_step,
-    check_left_pad_batch,
-)
-from minillm.grading.ch04_paged_attention import (  # noqa: F401
-    check_block_allocator,
-    check_slot_mapping,
-    check_paged_attention_gather,
-    check_block_hashes,
-    check_cached_prefix_blocks,
-)
-from minillm.grading.ch05_continuous_batching import (  # noqa: F401
-    check_schedule_step,
-    check_preempt,
-    check_pack_batch,
-)
-from minillm.grading.ch06_quantization import (  # noqa: F401
-    check_absmax_quantize,
-    check_zero_point_quantize,
-    check_group_quantize,
-    check_pack_int4,
-    check_awq_search,
-)
-from minillm.grading.ch07_pruning import (  # noqa: F401
-    check_magnitude_mask,
-    check_wanda_mask,
-    check_nm_mask,
-)
+# Each chapter module lists its checks in __all__: minillm.grading.check_<name> for every one.
+from minillm.grading.ch01_llm_from_scratch import *  # noqa: F401,F403
+from minillm.grading.ch02_attention import *  # noqa: F401,F403
+from minillm.grading.ch03_kv_cache import *  # noqa: F401,F403
+from minillm.grading.ch04_paged_attention import *  # noqa: F401,F403
+from minillm.grading.ch05_continuous_batching import *  # noqa: F401,F403
+from minillm.grading.ch06_quantization import *  # noqa: F401,F403
+from minillm.grading.ch07_pruning import *  # noqa: F401,F403

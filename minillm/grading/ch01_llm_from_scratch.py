@@ -19,6 +19,14 @@ from minillm.grading.framework import (
 )
 
 
+__all__ = [  # the checks, re-exported by minillm.grading
+    "check_rmsnorm",
+    "check_rope",
+    "check_repeat_kv",
+    "check_top_p",
+    "check_swiglu_mlp",
+]
+
 def _rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     from minillm.model import RMSNorm
 

@@ -18,6 +18,13 @@ from minillm.grading.framework import (
 )
 
 
+__all__ = [  # the checks, re-exported by minillm.grading
+    "check_masked_attention",
+    "check_online_softmax_step",
+    "check_tiled_attention",
+    "check_softmax_kernel",
+]
+
 def check_masked_attention(fn: Callable) -> None:
     """Exercise 2.1. `fn(q, k, v, key_padding_mask=None) -> o`: exact causal attention with a padding mask.
 
@@ -143,9 +150,9 @@ def check_softmax_kernel(fn: Callable) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if not triton_available(device):
         raise AssertionError(
-            "Exercise 2.4 (row-softmax kernel): Triton cannot run here: "
-            f"{triton_status(torch.device(device))}. Triton exists for Linux only (pip install triton); on a CPU, minillm runs "
-            "kernels in Triton's interpreter unless TRITON_INTERPRET=0 is set. Or use a GPU runtime."
+            f"Exercise 2.4 (row-softmax kernel): Triton cannot run here: {triton_status(torch.device(device))}. "
+            "Triton exists for Linux only (pip install triton); on a CPU, minillm runs kernels in Triton's "
+            "interpreter unless TRITON_INTERPRET=0 is set. Or use a GPU runtime."
         )
 
     def run(x):

@@ -18,6 +18,12 @@ from minillm.grading.framework import (
 )
 
 
+__all__ = [  # the checks, re-exported by minillm.grading
+    "check_kv_bytes_per_token",
+    "check_decode_step",
+    "check_left_pad_batch",
+]
+
 def check_kv_bytes_per_token(fn: Callable) -> None:
     """Exercise 3.1. `fn(config, dtype) -> int`: bytes of K and V one token leaves in the cache, all layers."""
     from minillm.config import ModelConfig

@@ -19,6 +19,14 @@ from minillm.grading.framework import (
 )
 
 
+__all__ = [  # the checks, re-exported by minillm.grading
+    "check_block_allocator",
+    "check_slot_mapping",
+    "check_paged_attention_gather",
+    "check_block_hashes",
+    "check_cached_prefix_blocks",
+]
+
 def _raises(fn: Callable, *args: Any) -> Exception | None:
     """The exception ``fn(*args)`` raised (None if it returned); NotImplementedError goes through to the stub message."""
     try:

@@ -16,6 +16,12 @@ from minillm.grading.framework import (
 )
 
 
+__all__ = [  # the checks, re-exported by minillm.grading
+    "check_schedule_step",
+    "check_preempt",
+    "check_pack_batch",
+]
+
 def _schedule_step_ref(running: list[int], waiting: list[int], budget: int, max_seqs: int) -> tuple[list[int], list[int]]:
     """Drive the real `Scheduler` (huge pool, no prefix caching) from the exercise's plain lists."""
     from minillm.engine.request import Sequence, Status

@@ -21,6 +21,14 @@ from minillm.grading.framework import (
 )
 
 
+__all__ = [  # the checks, re-exported by minillm.grading
+    "check_absmax_quantize",
+    "check_zero_point_quantize",
+    "check_group_quantize",
+    "check_pack_int4",
+    "check_awq_search",
+]
+
 def _weight_with_outliers(out_features: int, in_features: int, seed: int) -> torch.Tensor:
     """Rows of different scales, each with one outlier 8x its row's scale; negative in even rows, so max != absmax."""
     w = randn(out_features, in_features, seed=seed) * torch.logspace(-1, 0.5, out_features)[:, None]

@@ -19,6 +19,12 @@ from minillm.grading.framework import (
 )
 
 
+__all__ = [  # the checks, re-exported by minillm.grading
+    "check_magnitude_mask",
+    "check_wanda_mask",
+    "check_nm_mask",
+]
+
 def _rows_of_different_scales(out_features: int, in_features: int, seed: int) -> torch.Tensor:
     """A weight whose rows differ in scale by 100x, like real layers: a global threshold would empty the small rows."""
     scale = torch.logspace(-1, 1, out_features)[:, None]
