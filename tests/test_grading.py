@@ -91,6 +91,17 @@ def test_wrong_answer_fails(check, answer, capsys):
     assert "passed" not in capsys.readouterr().out
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("check, answer", WRONG_ANSWERS)
+def test_wrong_answer_fails_on_20_seeds(check, answer, monkeypatch, capsys):
+    """A wrong answer fails whatever the seed, so a verdict never depends on the luck of the draw."""
+    for seed in range(20):
+        monkeypatch.setenv("MINILLM_GRADING_SEED", str(seed))
+        with pytest.raises(AssertionError, match=r"check \d+ failed"):
+            check(answer)
+    assert "passed" not in capsys.readouterr().out
+
+
 ALL_CHECKS = sorted({p.values[0] for p in RIGHT_ANSWERS + WRONG_ANSWERS}, key=lambda f: f.__qualname__)
 
 
