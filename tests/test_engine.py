@@ -157,3 +157,17 @@ def test_real_model_greedy_matches_transformers(smollm, hf_smollm):
         ids = tok(prompt, return_tensors="pt").input_ids
         expected = hf_smollm.generate(ids, max_new_tokens=6, do_sample=False)[0, ids.shape[1]:].tolist()
         assert out.token_ids == expected, prompt
+
+
+def test_llm_never_changes_the_callers_model(tiny_model):
+    weights = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    layer_types = [type(m) for m in tiny_model.modules()]
+    quantized = make_llm(tiny_model, quantization="int8")
+    assert [type(m) for m in tiny_model.modules()] == layer_types, "quantization must work on a copy"
+    assert all(torch.equal(v, weights[k]) for k, v in tiny_model.state_dict().items())
+    assert quantized.model is not tiny_model and make_llm(tiny_model).model is tiny_model
+    with pytest.raises(ValueError, match=r"dtype='bfloat16' but the model object holds torch.float32"):
+        make_llm(tiny_model, dtype="bfloat16")
+    with pytest.raises(ValueError, match=r"unsupported device 'meta'"):
+        make_llm(tiny_model, device="meta")
+    make_llm(tiny_model, device="cpu", dtype="float32")  # confirming where it is is fine

@@ -58,6 +58,21 @@ class ContiguousEngine:
 
     @torch.no_grad()
     def step(self) -> list[Sequence]:
+        """One prefill or decode step. If it raises (an error, Ctrl-C), the batch's unfinished sequences go back to
+        the front of the queue with their tokens so far (recomputed by the next prefill) before the error
+        propagates: half-written cache columns are never read."""
+        try:
+            return self._step()
+        except BaseException:
+            unfinished = [s for s in self.running if not s.is_finished]
+            for seq in reversed(unfinished):
+                seq.status = Status.PREEMPTED
+                seq.num_preemptions += 1
+                self.waiting.appendleft(seq)
+            self.running, self.batch = [], None
+            raise
+
+    def _step(self) -> list[Sequence]:
         if not any(not s.is_finished for s in self.running):
             self._finish_batch()
             if not self.waiting:
@@ -74,6 +89,7 @@ class ContiguousEngine:
         seqs = [self.waiting.popleft() for _ in range(min(self.max_num_seqs, len(self.waiting)))]
         for seq in seqs:
             seq.status = Status.RUNNING
+        self.running = seqs  # from here on a failure requeues them (see step)
         device = next(self.model.parameters()).device
         dtype = next(self.model.parameters()).dtype
         input_ids, batch = left_pad([s.token_ids for s in seqs], self.pad_token_id, device)  # (B, P)
@@ -91,7 +107,7 @@ class ContiguousEngine:
         # Left padding: every row's last prompt token is in column P - 1, the only one whose logits we need.
         last = torch.tensor([P - 1], device=input_ids.device)
         logits = self.model(input_ids, batch.positions, self.cache, batch, logits_at=last)  # (B, 1, V)
-        self.running, self.batch = seqs, batch
+        self.batch = batch
         return self._sample(logits[:, -1])
 
     def _decode(self) -> list[Sequence]:

@@ -9,11 +9,26 @@ steps it until every sequence has finished, collecting text and timings. The eng
 
 Every engine offers the same five methods: ``add(seq)``, ``step() -> seqs that got a token``, ``abort(request_id)``,
 ``has_unfinished()``, ``stats()``; so `generate` and `stream` are written once, here.
+
+The request lifecycle cannot leak:
+  * each request's `Sequence`s collect its own tokens and text, and every consumer reads only its own requests
+    (a stream keeps a cursor into its text), so `generate`, several interleaved `stream`s and other threads can
+    share one engine without any of them losing text;
+  * `generate` and `stream` abort their own unfinished requests when they exit early for any reason (an exception,
+    Ctrl-C, a stream closed or dropped before its end, the other completions of a streamed ``n > 1`` request), and
+    an engine step that raises first preempts what it was running, so the engine is left clean;
+  * a request is validated completely before any of its sequences is queued.
+
+Thread safety: an `LLM` may be used from several threads at once. One lock guards the engine: submitting, aborting
+and each engine step hold it, so the threads take turns stepping the shared engine, and every step advances
+everyone's requests. A model object passed in is never changed: with ``quantization`` the engine quantizes a copy.
 """
 
 from __future__ import annotations
 
+import copy
 import itertools
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -68,9 +83,11 @@ class LLM:
         if isinstance(model, torch.nn.Module):
             if tokenizer is None:
                 raise ValueError("pass tokenizer=... together with a model object")
-            self.model, self.tokenizer = model, tokenizer
-            self.device = next(model.parameters()).device
-            self.dtype = next(model.parameters()).dtype
+            self.device, self.dtype = next(model.parameters()).device, next(model.parameters()).dtype
+            _check_model_placement(self.device, self.dtype, device, dtype)
+            # quantize_model rewrites layers in place: work on a copy so the caller's model stays what it was.
+            self.model = copy.deepcopy(model) if quantization is not None else model
+            self.tokenizer = tokenizer
         else:
             self.device = resolve_device(device)
             self.dtype = resolve_dtype(dtype, self.device)
@@ -94,6 +111,7 @@ class LLM:
         )
         self._seq_ids = itertools.count()
         self._request_ids = itertools.count()
+        self._lock = threading.RLock()  # one engine, many callers: see "Thread safety" above
 
     def _make_engine(self, kv_cache: str, **options):
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -143,22 +161,41 @@ class LLM:
         return bool(prompts) and all(isinstance(p, (int, dict)) for p in prompts)
 
     def add_request(self, prompt: Prompt, params: SamplingParams) -> list[Sequence]:
-        """Queue one prompt; returns its n sequences (their request_id is shared)."""
+        """Queue one prompt; returns its n sequences (their request_id is shared). All or nothing is queued."""
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
-        ids = self.encode(prompt)
-        request_id = str(next(self._request_ids))
-        seqs = []
-        for i in range(params.n):
-            seed = None if params.seed is None else params.seed + i
-            seq = Sequence(
-                seq_id=next(self._seq_ids), request_id=request_id, prompt_token_ids=ids, params=params,
-                eos_token_ids=self.eos_token_ids, max_model_len=self.max_model_len,
-                detokenizer=Detokenizer(self.tokenizer), seed=seed,
-            )
-            self.engine.add(seq)
-            seqs.append(seq)
+        with self._lock:  # tokenizers are not safe to call from several threads at once
+            ids = self.encode(prompt)
+            request_id = str(next(self._request_ids))
+            seqs = [
+                Sequence(
+                    seq_id=next(self._seq_ids), request_id=request_id, prompt_token_ids=ids, params=params,
+                    eos_token_ids=self.eos_token_ids, max_model_len=self.max_model_len,
+                    detokenizer=Detokenizer(self.tokenizer), seed=None if params.seed is None else params.seed + i,
+                )
+                for i in range(params.n)
+            ]
+            try:
+                for seq in seqs:
+                    self.engine.add(seq)
+            except BaseException:
+                self.engine.abort(request_id)
+                raise
         return seqs
+
+    def _step(self, waiting_for: list[Sequence]) -> None:
+        """One engine step for a caller waiting on `waiting_for`, holding the lock: it advances everyone's requests."""
+        with self._lock:
+            if all(s.is_finished for s in waiting_for):  # another thread's step (or abort) got there first
+                return
+            if not self.engine.has_unfinished():
+                raise RuntimeError("the engine has nothing left to run but a request is unfinished; please report this")
+            self.engine.step()
+
+    def _abort_unfinished(self, seqs: list[Sequence]) -> None:
+        with self._lock:
+            for request_id in dict.fromkeys(s.request_id for s in seqs if not s.is_finished):
+                self.engine.abort(request_id)
 
     # -- running -------------------------------------------------------------------------------------------------
 
@@ -177,47 +214,72 @@ class LLM:
         params_list = params if isinstance(params, list) else [params] * len(prompts)
         if len(params_list) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(params_list)} SamplingParams")
-        encoded = [self.encode(p) for p in prompts]  # every prompt is checked before any is queued
-        groups = []
+        with self._lock:
+            encoded = [self.encode(p) for p in prompts]  # every prompt is checked before any is queued
+        groups: list[list[Sequence]] = []
+        all_seqs: list[Sequence] = []
         try:
             for ids, sp in zip(encoded, params_list):
                 groups.append(self.add_request(ids, sp))
-        except (ValueError, TypeError):
-            for group in groups:  # a refused request leaves no half-submitted batch behind
-                self.abort(group[0].request_id)
-            raise
-        all_seqs = [s for g in groups for s in g]
-        if use_tqdm is None:
-            use_tqdm = len(all_seqs) >= 16
-        from tqdm.auto import tqdm
+            all_seqs = [s for g in groups for s in g]
+            if use_tqdm is None:
+                use_tqdm = len(all_seqs) >= 16
+            from tqdm.auto import tqdm
 
-        with tqdm(total=len(all_seqs), desc="generating", disable=not use_tqdm, unit="seq") as bar:
-            done = 0
-            while self.engine.has_unfinished():
-                self.engine.step()
-                now_done = sum(s.is_finished for s in all_seqs)
-                bar.update(now_done - done)
-                done = now_done
+            with tqdm(total=len(all_seqs), desc="generating", disable=not use_tqdm, unit="seq") as bar:
+                done = 0
+                while done < len(all_seqs):
+                    self._step(all_seqs)
+                    now_done = sum(s.is_finished for s in all_seqs)
+                    bar.update(now_done - done)
+                    done = now_done
+        finally:  # an error, Ctrl-C, a refused request: nothing of this call stays queued
+            self._abort_unfinished([s for g in groups for s in g])
         return [
             RequestOutput.from_sequences(p if isinstance(p, str) else None, g) for p, g in zip(prompts, groups)
         ]
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:
-        """Yield the text of one prompt piece by piece as tokens are generated (first completion only)."""
-        seq = self.add_request(prompt, params or SamplingParams())[0]
+        """Yield the text of one prompt piece by piece as tokens are generated (first completion only).
+
+        Other consumers may step the engine between two pieces (another stream, `generate`, another thread): the
+        stream reads its own sequence's text from where it left off, so it never misses a piece.
+        """
+        seqs = self.add_request(prompt, params or SamplingParams())
+        seq, sent = seqs[0], 0
         try:
-            while not seq.is_finished:
-                before = len(seq.text)
-                self.engine.step()
-                if len(seq.text) > before:
-                    yield seq.text[before:]
-        finally:
-            if not seq.is_finished:  # the caller stopped iterating early: free the sequence's resources
-                self.abort(seq.request_id)
+            while True:
+                if len(seq.text) > sent:
+                    piece, sent = seq.text[sent:], len(seq.text)  # before yielding: others may step meanwhile
+                    yield piece
+                    continue  # while we were suspended, others may have stepped the engine: look again
+                if seq.is_finished:
+                    break
+                self._step(seqs[:1])
+        finally:  # stopped early, or n > 1: the request's other completions would run on unread
+            self._abort_unfinished(seqs)
 
     def abort(self, request_id: str) -> bool:
         """Stop a request; its sequences finish with reason "aborted". False if it was not running."""
-        return bool(self.engine.abort(str(request_id)))
+        with self._lock:
+            return bool(self.engine.abort(str(request_id)))
 
     def stats(self) -> dict:
-        return {"kv_cache": self.kv_cache, "attention_backend": self.attention_backend, **self.engine.stats()}
+        with self._lock:
+            return {"kv_cache": self.kv_cache, "attention_backend": self.attention_backend, **self.engine.stats()}
+
+
+def _check_model_placement(model_device: torch.device, model_dtype: torch.dtype, device, dtype) -> None:
+    """With a model object, `device`/`dtype` may only confirm where it is: moving it would change the caller's model."""
+    if device is not None:
+        wanted = resolve_device(device)
+        if wanted.type != model_device.type or (wanted.index is not None and wanted.index != model_device.index):
+            raise ValueError(
+                f"device={str(device)!r} but the model object is on {model_device}; move it first (model.to(...)) "
+                "or leave device=None"
+            )
+    if dtype is not None and resolve_dtype(dtype, model_device) != model_dtype:
+        raise ValueError(
+            f"dtype={dtype!r} but the model object holds {model_dtype}; convert it first (model.to(dtype)) or leave "
+            "dtype=None"
+        )

@@ -96,7 +96,18 @@ class PagedEngine:
         return self.scheduler.abort(request_id)
 
     def step(self) -> list[Sequence]:
-        """One iteration: returns the sequences that got a token (possibly finishing)."""
+        """One iteration: returns the sequences that got a token (possibly finishing).
+
+        If anything in it raises (a kernel error, Ctrl-C), every running sequence is preempted before the exception
+        propagates: the step's half-written K/V is never trusted, and the engine stays usable.
+        """
+        try:
+            return self._step()
+        except BaseException:
+            self.scheduler.preempt_all()
+            raise
+
+    def _step(self) -> list[Sequence]:
         out = self.scheduler.schedule()
         assert out.seqs or not self.has_unfinished(), "scheduler made no progress with requests pending"
         if not out.seqs:

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes 64-bit seeds; stay in the signed range
+
 
 @dataclass
 class SamplingParams:
@@ -44,8 +46,9 @@ class SamplingParams:
             raise ValueError(f"n must be an int >= 1, got {self.n!r}")
         if self.n > 1 and self.temperature == 0.0:
             raise ValueError("n > 1 needs temperature > 0: greedy decoding would give n identical completions")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an int or None, got {self.seed!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED - self.n + 1):
+            # Completion i of n draws with seed + i: every one of them must be a valid generator seed.
+            raise ValueError(f"seed must be None or an int in [0, {MAX_SEED - self.n + 1}] (n={self.n}), got {self.seed!r}")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if self.stop is not None and not all(isinstance(s, str) and s for s in self.stop):

@@ -191,6 +191,24 @@ class Scheduler:
         self.waiting.appendleft(seq)
         out.preempted.append(seq)
 
+    def preempt_all(self) -> None:
+        """After a step that raised (an error, Ctrl-C): nobody knows which K/V it wrote, so recompute everyone.
+
+        Every running sequence that has not finished is preempted (blocks freed, back to the front of the queue, in
+        its order); finished ones are freed. The engine is then as if those sequences had just arrived with their
+        tokens so far, so no request is lost and no block leaks.
+        """
+        for seq in reversed(list(self.running)):
+            if seq.is_finished:
+                self.running.remove(seq)
+                self.block_manager.free(seq.seq_id)
+            else:
+                self._preempt(seq, SchedulerOutput())
+        for seq in self.waiting:  # a step interrupted inside _admit may have left a waiting sequence allocated
+            if seq.seq_id in self.block_manager.tables:
+                self.block_manager.free(seq.seq_id)
+            seq.num_computed_tokens = 0
+
     # ---- after the model ran -------------------------------------------------------------------------------------
     def commit(self, out: SchedulerOutput) -> list[tuple[Sequence, Sequence]]:
         """Record the K/V just written; fork the children of sequences whose prompt is now complete.
