@@ -62,6 +62,15 @@ def triton_available(device: torch.device | str) -> bool:
     return MODE == "interpreter"
 
 
+def require_triton(device: torch.device | str, kernel: str) -> None:
+    """Raise a clear error where `kernel` cannot run, instead of quietly running something else."""
+    if not triton_available(device):
+        raise RuntimeError(
+            f"the Triton kernel {kernel} cannot run on {torch.device(device)} (Triton mode: {MODE}); run it on a CUDA "
+            "GPU, or on CPU with TRITON_INTERPRET=1 set before minillm is imported, or call its _ref twin"
+        )
+
+
 def record_launch(kernel: str) -> None:
     """Count one launch of `kernel` (called by every launcher right before ``kernel[grid](...)``)."""
     _LAUNCHES[kernel] += 1

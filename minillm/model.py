@@ -9,9 +9,11 @@ In doing so, you will learn about:
   * tied embeddings: the LM head reuses the embedding matrix.
 
 Parameter names follow the Hugging Face checkpoints (``layers.0.self_attn.q_proj.weight``...), so loading is a
-key copy. Attention is the one seam: with no cache it is plain causal attention over the given tokens; with a cache,
-each layer hands its new keys and values to ``kv_cache.attend(...)``, which stores them and attends over everything
-stored so far. Later chapters add caches (contiguous, paged) and kernels without touching this file.
+key copy. Attention is the one seam: each layer hands its queries and new keys and values (already rotated) to an
+attention backend, ``attention.forward(layer_idx, q, k, v, metadata)`` (``minillm.attention.backends``). Without
+one it is plain causal attention over the given tokens; the cached backends store the new K/V in their pool and
+attend over everything stored so far. Later chapters add caches (contiguous, paged) and kernels without touching
+this file.
 Notebook 01 (``01_llm_from_scratch``) builds this forward pass piece by piece on the real weights.
 
 Shapes: B batch, T tokens, C model dim, H query heads, Hkv KV heads, D head dim, V vocab.
@@ -26,18 +28,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minillm.attention import causal_attention
+from minillm.attention.backends import NoCacheAttention
 from minillm.config import ModelConfig
 
-ATTENTION_BACKENDS = ("reference", "triton")
 
+class AttentionBackend(Protocol):
+    """What the model asks of attention: given this step's queries and new keys/values, the attention output."""
 
-class KVCache(Protocol):
-    """What a cache must offer the model: store this step's keys/values, attend over all of them."""
-
-    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: Any) -> torch.Tensor:
+    def forward(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, metadata: Any) -> torch.Tensor:
         """q (B, H, T, D), new k and v (B, Hkv, T, D) already rotated -> attention output (B, H, T, D)."""
         ...
+
+
+EXACT_ATTENTION = NoCacheAttention("reference")  # what model(input_ids) uses: no cache, materialized scores
 
 
 class RMSNorm(nn.Module):
@@ -101,19 +104,15 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(C, self.num_kv_heads * D, bias=config.attention_bias)
         self.v_proj = nn.Linear(C, self.num_kv_heads * D, bias=config.attention_bias)
         self.o_proj = nn.Linear(self.num_heads * D, C, bias=False)
-        self.backend = "reference"
 
-    def forward(self, x, cos, sin, kv_cache: KVCache | None = None, batch: Any = None) -> torch.Tensor:
+    def forward(self, x, cos, sin, attention: AttentionBackend, metadata: Any = None) -> torch.Tensor:
         B, T, _ = x.shape
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.v_proj(x).view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if kv_cache is None:
-            o = causal_attention(q, k, v, backend=self.backend)  # (B, H, T, D)
-        else:
-            o = kv_cache.attend(self.layer_idx, q, k, v, batch)  # (B, H, T, D)
+        o = attention.forward(self.layer_idx, q, k, v, metadata)  # (B, H, T, D)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, H * D))  # (B, T, C)
 
 
@@ -137,8 +136,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, kv_cache=None, batch=None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, batch)  # pre-norm residual
+    def forward(self, x, cos, sin, attention, metadata=None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attention, metadata)  # pre-norm residual
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -155,22 +154,18 @@ class Transformer(nn.Module):
         # Not a buffer: model.to(torch.bfloat16) would round the frequencies; they stay fp32 and follow the input.
         self.inv_freq = rope_frequencies(config)  # (D/2,)
 
-    def set_attention_backend(self, backend: str) -> None:
-        """Switch the no-cache attention path: "reference" (materialized scores) or "triton" (flash kernel)."""
-        if backend not in ATTENTION_BACKENDS:
-            raise ValueError(f"unknown attention backend {backend!r}; choose one of {ATTENTION_BACKENDS}")
-        for layer in self.layers:
-            layer.self_attn.backend = backend
-
     def forward(
         self,
         input_ids: torch.Tensor,
         positions: torch.Tensor | None = None,
-        kv_cache: KVCache | None = None,
-        batch: Any = None,
+        attention: AttentionBackend | None = None,
+        metadata: Any = None,
         logits_at: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, V). positions (B, T) default to 0..T-1 in every row.
+
+        ``attention`` is the backend every layer calls with ``metadata`` (default: exact causal attention over these
+        tokens, no cache); the backend is the model's only contact with a KV cache.
 
         ``logits_at`` (K,) int64 picks the columns that need logits -> (B, K, V). An engine samples from one row
         per sequence, and the lm_head over every prompt token would be the biggest matmul of a prefill step
@@ -185,8 +180,9 @@ class Transformer(nn.Module):
             self.inv_freq = self.inv_freq.to(input_ids.device)
         x = self.embed_tokens(input_ids)  # (B, T, C)
         cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)  # (B, T, D) each
+        attention = attention if attention is not None else EXACT_ATTENTION
         for layer in self.layers:
-            x = layer(x, cos, sin, kv_cache, batch)
+            x = layer(x, cos, sin, attention, metadata)
         if logits_at is not None:
             x = x[:, logits_at]  # (B, K, C)
         return self.lm_head(self.norm(x))  # (B, T or K, V)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from minillm._triton import HAS_TRITON
 from minillm.attention import (
+    NoCacheAttention,
     attention_probs,
     attention_ref,
     causal_attention,
@@ -233,15 +234,25 @@ def test_flash_attention_varlen_matches_reference(dtype):
         assert max_err(out, flash_attention_varlen_ref(*args, causal=causal)) < ATOL[dtype], (lq, lk, causal)
 
 
-def test_fallback_without_triton_gives_reference_results(monkeypatch):
-    monkeypatch.setattr(flash_module, "triton_available", lambda device: False)
+def test_kernels_raise_where_triton_cannot_run_instead_of_falling_back(monkeypatch):
+    """The caller chose a kernel: running the reference behind its back would make every kernel claim untrue."""
+    import minillm._triton
+    from minillm.attention import paged_decode_attention
+    from minillm.kvcache.store import store_kv
+
+    monkeypatch.setattr(minillm._triton, "MODE", "off")
     q, k, v = make_qkv(1, 4, 2, 9, 12, 16)
-    assert torch.equal(flash_attention(q, k, v), attention_ref(q, k, v))
+    with pytest.raises(RuntimeError, match="flash_attention cannot run on cpu"):
+        flash_attention(q, k, v)
     cu_q, cu_k = pack_lengths([4, 5]), pack_lengths([6, 6])
     qp, kp, vp = q[0, :, :9].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1)
-    assert torch.equal(
-        flash_attention_varlen(qp, kp, vp, cu_q, cu_k, 5, 6), flash_attention_varlen_ref(qp, kp, vp, cu_q, cu_k, 5, 6)
-    )
+    with pytest.raises(RuntimeError, match="flash_attention_varlen cannot run"):
+        flash_attention_varlen(qp, kp, vp, cu_q, cu_k, 5, 6)
+    pool = torch.zeros(3, 4, 2, 16)
+    with pytest.raises(RuntimeError, match="paged_decode_attention cannot run"):
+        paged_decode_attention(q[:, :, 0], pool, pool, torch.zeros(1, 2, dtype=torch.int32), torch.tensor([5], dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="store_kv cannot run"):
+        store_kv(kp[:1], vp[:1], pool, pool, torch.tensor([0]))
 
 
 def test_causal_attention_backends_agree_and_unknown_backend_fails():
@@ -255,10 +266,8 @@ def test_causal_attention_backends_agree_and_unknown_backend_fails():
 def test_model_with_triton_backend_matches_reference(tiny_model):
     ids = torch.randint(0, tiny_model.config.vocab_size, (2, 19), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        tiny_model.set_attention_backend("reference")
-        expected = tiny_model(ids)
-        tiny_model.set_attention_backend("triton")
-        out = tiny_model(ids)
+        expected = tiny_model(ids)  # no backend: exact attention, no cache
+        out = tiny_model(ids, attention=NoCacheAttention("triton"))
     assert max_err(out, expected) < 1e-4
 
 

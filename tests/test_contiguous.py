@@ -6,6 +6,7 @@ import torch
 
 import minillm
 from minillm import SamplingParams
+from minillm.attention.backends import ContiguousAttention
 from minillm.engine.contiguous import ContiguousEngine
 from minillm.engine.request import Sequence
 from minillm.kvcache.contiguous import ContiguousBatch, ContiguousKVCache, left_pad
@@ -25,7 +26,7 @@ def test_cached_logits_equal_uncached_at_every_step(tiny_model, prompt_lens):
     ids, batch = left_pad(seqs, pad_token_id=0)
     cache = ContiguousKVCache.for_model(tiny_model.config, len(seqs), max(prompt_lens) + num_steps)
     with torch.no_grad():
-        logits = tiny_model(ids, batch.positions, cache, batch)  # (B, P, V)
+        logits = tiny_model(ids, batch.positions, ContiguousAttention(cache), batch)  # (B, P, V)
         for step in range(num_steps + 1):
             for row, s in enumerate(seqs):
                 torch.testing.assert_close(logits[row, -1], uncached_last_logits(tiny_model, s), atol=ATOL, rtol=0)
@@ -35,7 +36,7 @@ def test_cached_logits_equal_uncached_at_every_step(tiny_model, prompt_lens):
             for s, t in zip(seqs, next_ids.tolist()):
                 s.append(t)
             batch = batch.next_decode()
-            logits = tiny_model(next_ids[:, None], batch.positions, cache, batch)  # (B, 1, V)
+            logits = tiny_model(next_ids[:, None], batch.positions, ContiguousAttention(cache), batch)  # (B, 1, V)
     assert cache.lengths == [max(prompt_lens) + num_steps] * tiny_model.config.num_layers
 
 
@@ -44,7 +45,7 @@ def test_every_prompt_position_matches_uncached(tiny_model):
     ids, batch = left_pad(seqs)
     cache = ContiguousKVCache.for_model(tiny_model.config, 2, 6)
     with torch.no_grad():
-        logits = tiny_model(ids, batch.positions, cache, batch)
+        logits = tiny_model(ids, batch.positions, ContiguousAttention(cache), batch)
         torch.testing.assert_close(logits[1, 3:], tiny_model(torch.tensor([seqs[1]]))[0], atol=ATOL, rtol=0)
 
 
@@ -67,7 +68,7 @@ def test_pad_token_values_do_not_matter(tiny_model):
         for pad in (0, 200):
             ids, batch = left_pad(seqs, pad_token_id=pad)
             cache = ContiguousKVCache.for_model(tiny_model.config, 2, 4)
-            outs.append(tiny_model(ids, batch.positions, cache, batch)[:, -1])
+            outs.append(tiny_model(ids, batch.positions, ContiguousAttention(cache), batch)[:, -1])
     torch.testing.assert_close(outs[0], outs[1], atol=1e-6, rtol=0)
 
 

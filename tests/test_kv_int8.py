@@ -1,36 +1,37 @@
-"""Int8PagedKVCache: the int8 paged cache attends like the fp cache within quantization error, and serves LLM."""
+"""Int8PagedKVCache: paged attention over the int8 pool matches the fp pool within quantization error; LLM serves it."""
 
 import pytest
 import torch
 
 from minillm import LLM, SamplingParams
+from minillm.attention.backends import PagedAttention, PagedMetadata
 from minillm.kvcache.blocks import BlockManager
-from minillm.kvcache.paged import PagedBatch, PagedKVCache
+from minillm.kvcache.paged import PagedKVCache
 from minillm.kvcache.paged_int8 import Int8PagedKVCache
 from minillm.quant.kv import dequantize_kv, quantize_kv
 
 L, H, HKV, D, BS, NB = 2, 6, 2, 16, 4, 32
 
 
-def run_steps(cache, steps, seqs, gen_seed=0):
-    """Drive a cache through packed steps [(seq_id, a, b), ...] with seeded q, k, v; returns every output."""
+def run_steps(cache, backend, steps, seqs, gen_seed=0):
+    """Drive paged attention over a cache through packed steps [(seq_id, a, b), ...] with seeded q, k, v; returns every output."""
     gen = torch.Generator().manual_seed(gen_seed)
     qkv = {s: [[torch.randn(1, h, n, D, generator=gen) for h in (H, HKV, HKV)] for _ in range(L)]
            for s, n in seqs.items()}
     bm = BlockManager(NB, BS, enable_prefix_caching=False)
     for s, n in seqs.items():
         bm.allocate_prompt(s, list(range(s * 1000, s * 1000 + n)))
-    outs = []
+    attention, outs = PagedAttention(cache, bm, backend), []
     for work in steps:
         slots, tables = [], []
         for s, a, b in work:
             cache.copy_blocks(bm.ensure_capacity(s, b))
             slots += bm.slot_mapping(s, a, b)
             tables.append(bm.block_table(s))
-        batch = PagedBatch.build(slots, [b - a for _, a, b in work], [b for _, _, b in work], tables)
+        batch = PagedMetadata.build(slots, [b - a for _, a, b in work], [b for _, _, b in work], tables, BS)
         for layer in range(L):
             q, k, v = (torch.cat([qkv[s][layer][i][:, :, a:b] for s, a, b in work], dim=2) for i in range(3))
-            outs.append(cache.attend(layer, q, k, v, batch))
+            outs.append(attention.forward(layer, q, k, v, batch))
         for s, _, b in work:
             bm.commit(s, list(range(s * 1000, s * 1000 + b)), b)
     return outs
@@ -41,14 +42,14 @@ SEQS = {0: 11, 1: 12, 2: 2}
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_attend_close_to_fp_cache(backend):
+def test_attention_close_to_fp_cache(backend):
     """Prefill chunks, mixed steps and pure decodes: int8 outputs within 0.03 (abs) of the fp32 cache's.
 
     With N(0, 1) keys and values, absmax/127 per vector gives an error of at most ~0.015 per element; attention
     outputs are weighted means of values, so the tolerance is a few times that.
     """
-    fp = run_steps(PagedKVCache(L, NB, BS, HKV, D, attention_backend=backend), STEPS, SEQS)
-    q8 = run_steps(Int8PagedKVCache(L, NB, BS, HKV, D, attention_backend=backend), STEPS, SEQS)
+    fp = run_steps(PagedKVCache(L, NB, BS, HKV, D), backend, STEPS, SEQS)
+    q8 = run_steps(Int8PagedKVCache(L, NB, BS, HKV, D), backend, STEPS, SEQS)
     for a, b in zip(fp, q8):
         torch.testing.assert_close(b, a, atol=3e-2, rtol=0)
     assert max((a - b).abs().max().item() for a, b in zip(fp, q8)) > 0  # it really is quantized
@@ -57,8 +58,7 @@ def test_attend_close_to_fp_cache(backend):
 def test_stores_codes_and_scales():
     cache = Int8PagedKVCache(1, 4, 4, HKV, D)
     k, v = torch.randn(1, HKV, 3, D), torch.randn(1, HKV, 3, D)
-    batch = PagedBatch.build([4, 5, 6], [3], [3], [[1]])  # three tokens at the start of block 1
-    cache.attend(0, torch.randn(1, H, 3, D), k, v, batch)
+    cache.store(0, k[0].transpose(0, 1), v[0].transpose(0, 1), torch.tensor([4, 5, 6]))  # the start of block 1
     assert cache.k_cache.dtype == torch.int8 and cache.k_scale.dtype == torch.float16
     codes, scale = quantize_kv(k[0].transpose(0, 1))  # (3, Hkv, D)
     assert torch.equal(cache.k_cache[0, 1, :3], codes) and torch.equal(cache.k_scale[0, 1, :3], scale)

@@ -72,12 +72,16 @@ def _load_without_tokenizer(folder):
 
 
 def test_reference_and_triton_backends_agree(tiny_model):
+    from minillm.attention.backends import NoCacheAttention, resolve_kernel
+
     ids = torch.randint(0, 256, (2, 37))
     ref = tiny_model(ids)
-    tiny_model.set_attention_backend("triton")
-    torch.testing.assert_close(tiny_model(ids), ref, atol=1e-4, rtol=1e-4)
-    with pytest.raises(ValueError, match="unknown attention backend"):
-        tiny_model.set_attention_backend("cuda-magic")
+    torch.testing.assert_close(tiny_model(ids, attention=NoCacheAttention("triton")), ref, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="unknown attention kernel"):
+        NoCacheAttention("cuda-magic")
+    with pytest.raises(ValueError, match="unknown attention backend 'cuda-magic'"):
+        resolve_kernel("cuda-magic", "cpu")
+    assert resolve_kernel("auto", "cpu") == "reference" and resolve_kernel("triton", "cpu") == "triton"  # interpreter
 
 
 def test_bad_inputs_are_clear_errors(tmp_path):

@@ -2,7 +2,7 @@
 
 Triton is hidden in a fresh interpreter (``sys.modules["triton"] = None`` makes every ``import triton`` fail, as if
 it were not installed), then the package is imported and the real model generates with no cache and with the paged
-engine: both on the torch path, with no kernel launched, and the same greedy tokens.
+engine: both on the torch path, with no kernel launched, and the same greedy tokens. Asking for a kernel raises.
 """
 
 import subprocess
@@ -17,8 +17,7 @@ SCRIPT = textwrap.dedent(
     import minillm
     from minillm._triton import MODE
     from minillm.attention.flash import flash_attention
-    from minillm.attention.reference import attention_ref
-
+    
     assert MODE == "absent", MODE
     assert "absent" in minillm.doctor()["triton_status"]
     model, tok = minillm.load_model("smollm2-135m", device="cpu", dtype=torch.float32)
@@ -26,9 +25,18 @@ SCRIPT = textwrap.dedent(
     with minillm.count_kernel_launches() as launched:
         tokens = {kv: minillm.LLM(model, tokenizer=tok, kv_cache=kv).generate(["The sky is"], params)[0].token_ids
                   for kv in ("none", "paged")}
-        q, k, v = torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5, 16)
-        assert torch.allclose(flash_attention(q, k, v), attention_ref(q, k, v))  # the fallback, not a kernel
     assert not launched, launched
+    q, k, v = torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5, 16)
+    try:
+        flash_attention(q, k, v)
+        raise AssertionError("a kernel without Triton must raise, not quietly run the reference")
+    except RuntimeError as err:
+        assert "cannot run" in str(err), err
+    try:
+        minillm.LLM(model, tokenizer=tok, attention_backend="triton")
+        raise AssertionError("asking for Triton without it must be refused")
+    except ValueError as err:
+        assert "attention_backend='triton' cannot run" in str(err), err
     assert tokens["none"] == tokens["paged"] and len(tokens["none"]) == 6, tokens
     assert "triton" not in sys.modules or sys.modules["triton"] is None
     print("ok", tokens["paged"])

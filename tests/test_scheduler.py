@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from minillm.engine.request import Sequence, Status
-from minillm.engine.runner import prepare_batch
+from minillm.attention.backends import prepare_batch
 from minillm.engine.sampling import SamplingParams
 from minillm.engine.scheduler import Scheduler
 from minillm.kvcache.blocks import BlockManager

@@ -1,6 +1,7 @@
-"""Attention backends: an exact torch reference and a Triton FlashAttention kernel (notebook 02_attention).
+"""Attention: exact torch references beside Triton kernels (notebook 02_attention), and the backends that put them
+between the model and a KV cache (``backends.py``: no cache, contiguous, paged).
 
-`causal_attention` is the one entry point the model calls; `backend` picks the implementation.
+`causal_attention` runs causal attention over given tensors with the kernel you name.
 """
 
 import torch
@@ -10,11 +11,22 @@ from minillm.attention.paged import paged_decode_attention, paged_decode_attenti
 from minillm.attention.online import online_attention, online_softmax_step
 from minillm.attention.reference import attention_probs, attention_ref, causal_mask, repeat_kv
 from minillm.attention.varlen import flash_attention_varlen, flash_attention_varlen_ref
-
-BACKENDS = ("reference", "triton")
+from minillm.attention.backends import (
+    KERNELS,
+    ContiguousAttention,
+    NoCacheAttention,
+    PagedAttention,
+    PagedMetadata,
+    resolve_kernel,
+)
 
 __all__ = [
-    "BACKENDS",
+    "KERNELS",
+    "ContiguousAttention",
+    "NoCacheAttention",
+    "PagedAttention",
+    "PagedMetadata",
+    "resolve_kernel",
     "attention_probs",
     "attention_ref",
     "causal_attention",
@@ -37,11 +49,11 @@ def causal_attention(
     """Causal attention, q: (B, H, T, D), k, v: (B, Hkv, S, D) -> o: (B, H, T, D).
 
     The mask is bottom-right aligned: query i sees keys j <= i + (S - T).
-    backend: "reference" (materialized scores, `reference.py`) or "triton" (`flash.py`; falls back to the reference
-    where Triton cannot run on the tensors' device).
+    backend: "reference" (materialized scores, `reference.py`) or "triton" (`flash.py`; raises where Triton cannot run
+    on the tensors' device).
     """
     if backend == "reference":
         return attention_ref(q, k, v, causal=True, scale=scale)
     if backend == "triton":
         return flash_attention(q, k, v, causal=True, scale=scale)
-    raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
+    raise ValueError(f"unknown attention backend {backend!r}; choose one of {KERNELS}")

@@ -22,7 +22,7 @@ Notebook 02_attention explains the kernel block by block and benchmarks it again
 
 import torch
 
-from minillm._triton import HAS_TRITON, is_interpreter, record_launch, tl, triton, triton_available
+from minillm._triton import HAS_TRITON, is_interpreter, record_launch, require_triton, tl, triton, triton_available
 from minillm.attention.reference import attention_ref, check_attention_inputs
 
 LOG2E = 1.4426950408889634  # log2(e): exp(x) == exp2(x * LOG2E)
@@ -201,15 +201,13 @@ def flash_attention(
 
     H % Hkv == 0 (GQA without copying K/V); D in HEAD_DIMS; fp16, bf16 or fp32; any T and S. causal is bottom-right
     aligned (query i sees keys j <= i + S - T). scale defaults to 1 / sqrt(D). block_m, block_n override the tile
-    sizes (powers of two >= 16). Where the kernel cannot run on q's device (`can_launch`), falls back to
-    `attention_ref`.
+    sizes (powers of two >= 16). Raises where the kernel cannot run on q's device (`can_launch`).
     """
     check_attention_inputs(q, k, v)
     B, H, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     check_kernel_support(D, q.dtype)
-    if not can_launch(q.device):
-        return flash_attention_ref(q, k, v, causal=causal, scale=scale)
+    require_triton(q.device, "flash_attention")
     if scale is None:
         scale = D**-0.5
     if B * H * T == 0:

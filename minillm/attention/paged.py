@@ -23,10 +23,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-from minillm._triton import HAS_TRITON, record_launch, tl, triton, triton_available
+from minillm._triton import HAS_TRITON, record_launch, require_triton, tl, triton
 from minillm.attention.flash import interpreter_dtype
 
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # others (float64) take the reference
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # others (float64): use the reference
 
 if HAS_TRITON:
 
@@ -219,15 +219,16 @@ def paged_decode_attention(
 ) -> torch.Tensor:
     """Triton paged decode attention; same contract as ``paged_decode_attention_ref``.
 
-    Falls back to the reference where Triton cannot run (CPU without ``TRITON_INTERPRET=1``, no triton) and for
-    dtypes outside ``KERNEL_DTYPES``.
+    Raises where Triton cannot run (CPU without ``TRITON_INTERPRET=1``, no triton) and for dtypes outside
+    ``KERNEL_DTYPES``: the caller chose the kernel, so it should know when it does not run.
 
     ``max_context_len`` (an upper bound on context_lens) sizes the split-K grid; None reads it from the tensor (a
     device sync). ``num_splits`` forces the split count (1 = no split-K); None picks one from the GPU's SM count.
     """
     _check(q, k_cache, v_cache, block_tables, context_lens)
-    if not triton_available(q.device) or q.dtype not in KERNEL_DTYPES:
-        return paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale)
+    require_triton(q.device, "paged_decode_attention")
+    if q.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"paged_decode_attention runs {KERNEL_DTYPES}, got {q.dtype}; use paged_decode_attention_ref")
     b, h, d = q.shape
     bs, hkv = k_cache.shape[1], k_cache.shape[2]
     group = h // hkv

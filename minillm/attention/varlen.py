@@ -14,11 +14,10 @@ in `flash.py` with IS_VARLEN=True. Notebook 02_attention introduces it; the engi
 
 import torch
 
-from minillm._triton import record_launch, triton
+from minillm._triton import record_launch, require_triton, triton
 from minillm.attention import flash
 from minillm.attention.flash import (
     LOG2E,
-    can_launch,
     check_kernel_support,
     interpreter_dtype,
     kernel_config,
@@ -71,16 +70,13 @@ def flash_attention_varlen(
     cu_seqlens_q, cu_seqlens_k: (num_seqs + 1,) int32 cumulative lengths (first 0, last Nq resp. Nk).
     max_seqlen_q: the longest query run (sizes the launch grid); max_seqlen_k: the longest key run (kept for
     the same signature as FlashAttention's varlen function; the kernel reads the real lengths).
-    causal: bottom-right aligned per sequence. Falls back to `flash_attention_varlen_ref` where Triton cannot run.
+    causal: bottom-right aligned per sequence. Raises where Triton cannot run (use `flash_attention_varlen_ref`).
     The lengths are trusted, not checked against the tensors: reading them would cost a device-host sync.
     """
     check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     H, D = q.shape[1], q.shape[2]
     check_kernel_support(D, q.dtype)
-    if not can_launch(q.device):
-        return flash_attention_varlen_ref(
-            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal, scale=scale
-        )
+    require_triton(q.device, "flash_attention_varlen")
     if scale is None:
         scale = D**-0.5
     num_seqs = cu_seqlens_q.numel() - 1

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from minillm.attention.backends import ContiguousAttention
 from minillm.bench.common import device_name, make_parser, time_fn, write_results
 from minillm.config import ModelConfig
 from minillm.kvcache.contiguous import ContiguousBatch, ContiguousKVCache
@@ -61,14 +62,15 @@ def time_per_token(
     for S in context_lens:
         no_cache.append(time_fn(lambda: model(ids[:, :S]), warmup=warmup, iters=iters, device=device))
         cache = ContiguousKVCache.for_model(model.config, 1, S, dtype, device)
+        attention = ContiguousAttention(cache)
         prefill = ContiguousBatch.prefill([S - 1], device)
-        model(ids[:, : S - 1], prefill.positions, cache, prefill)
+        model(ids[:, : S - 1], prefill.positions, attention, prefill)
         decode = prefill.next_decode()
         last = ids[:, S - 1 : S]  # (1, 1)
 
         def decode_step():
             cache.truncate(S - 1)
-            return model(last, decode.positions, cache, decode)
+            return model(last, decode.positions, attention, decode)
 
         cache_ms.append(time_fn(decode_step, warmup=warmup, iters=iters, device=device))
     return dict(

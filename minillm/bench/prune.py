@@ -19,6 +19,7 @@ import copy
 import torch
 import torch.nn.functional as F
 
+from minillm.attention.backends import ContiguousAttention
 from minillm.bench.common import environment_info, make_parser, time_fn, write_results
 from minillm.config import ModelConfig
 from minillm.kvcache.contiguous import ContiguousBatch, ContiguousKVCache
@@ -72,11 +73,12 @@ def greedy_generate(model: Transformer, prompt: torch.Tensor, new_tokens: int) -
     dtype = next(model.parameters()).dtype
     cache = ContiguousKVCache.for_model(model.config, B, T + new_tokens, dtype, prompt.device)
     batch = ContiguousBatch.prefill([T] * B, prompt.device)
-    next_ids = model(prompt, batch.positions, cache, batch)[:, -1].argmax(-1, keepdim=True)  # (B, 1)
+    attention = ContiguousAttention(cache)
+    next_ids = model(prompt, batch.positions, attention, batch)[:, -1].argmax(-1, keepdim=True)  # (B, 1)
     out = [next_ids]
     for _ in range(new_tokens - 1):
         batch = batch.next_decode()
-        next_ids = model(next_ids, batch.positions, cache, batch)[:, -1].argmax(-1, keepdim=True)
+        next_ids = model(next_ids, batch.positions, attention, batch)[:, -1].argmax(-1, keepdim=True)
         out.append(next_ids)
     return torch.cat(out, dim=1)
 

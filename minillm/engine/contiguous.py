@@ -23,6 +23,7 @@ from collections import deque
 
 import torch
 
+from minillm.attention.backends import ContiguousAttention
 from minillm.engine.request import Sequence, Status, sample_and_append
 from minillm.kvcache.contiguous import ContiguousBatch, ContiguousKVCache, left_pad
 
@@ -36,6 +37,8 @@ class ContiguousEngine:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # the current batch, finished rows included (they keep their row)
         self.cache: ContiguousKVCache | None = None
+        self.attention: ContiguousAttention | None = None  # the backend over `cache`
+        self.num_attention_fallbacks = 0  # layer calls of padded batches that took the reference (see backends.py)
         self.batch: ContiguousBatch | None = None  # the last step's batch; None before a prefill
         self.num_steps = 0
         self.batch_sizes: list[int] = []  # rows computed per step, idle rows included
@@ -99,14 +102,15 @@ class ContiguousEngine:
         max_len = P + max(max_steps, 1) - 1
         config = self.model.config
         if self.cache is None or self.cache.max_batch_size < B or self.cache.max_len < max_len:
-            self.cache = None  # free the old slab before reserving a bigger one
-            self.cache = ContiguousKVCache.for_model(config, B, max_len, dtype, device, self.attention_backend)
+            self.cache = self.attention = None  # free the old slab before reserving a bigger one
+            self.cache = ContiguousKVCache.for_model(config, B, max_len, dtype, device)
         else:
             self.cache.reset()
+        self.attention = ContiguousAttention(self.cache, self.attention_backend)
         self.reserved_tokens += B * max_len
         # Left padding: every row's last prompt token is in column P - 1, the only one whose logits we need.
         last = torch.tensor([P - 1], device=input_ids.device)
-        logits = self.model(input_ids, batch.positions, self.cache, batch, logits_at=last)  # (B, 1, V)
+        logits = self.model(input_ids, batch.positions, self.attention, batch, logits_at=last)  # (B, 1, V)
         self.batch = batch
         return self._sample(logits[:, -1])
 
@@ -115,7 +119,7 @@ class ContiguousEngine:
         batch = self.batch.next_decode()
         last = [s.token_ids[-1] if not s.is_finished else self.pad_token_id for s in seqs]
         input_ids = torch.tensor(last, device=batch.positions.device)[:, None]  # (B, 1)
-        logits = self.model(input_ids, batch.positions, self.cache, batch)  # (B, 1, V)
+        logits = self.model(input_ids, batch.positions, self.attention, batch)  # (B, 1, V)
         self.batch = batch
         self.num_idle_row_steps += sum(s.is_finished for s in seqs)
         return self._sample(logits[:, -1])
@@ -127,6 +131,8 @@ class ContiguousEngine:
         sample_and_append(active, logits[rows])
         self.num_steps += 1
         self.batch_sizes.append(len(self.running))
+        self.num_attention_fallbacks += self.attention.num_fallbacks
+        self.attention.num_fallbacks = 0
         if not any(not s.is_finished for s in self.running):
             self._finish_batch()
         return active
@@ -142,4 +148,5 @@ class ContiguousEngine:
             "kv_used_tokens": self.used_tokens,
             "kv_waste": waste,
             "kv_reserved_bytes": self.cache.nbytes if self.cache is not None else 0,
+            "attention_fallbacks": self.num_attention_fallbacks,
         }

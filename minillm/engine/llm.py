@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from minillm._triton import triton_available
+from minillm.attention.backends import KERNELS, resolve_kernel
 from minillm.engine.recompute import RecomputeEngine
 from minillm.engine.request import Detokenizer, RequestOutput, Sequence
 from minillm.engine.sampling import SamplingParams
@@ -42,7 +42,7 @@ from minillm.loading import load_model, resolve_device, resolve_dtype
 
 KV_CACHES = ("none", "contiguous", "paged")
 SCHEDULERS = ("continuous", "static")
-ATTENTION_BACKENDS = ("auto", "reference", "triton")
+ATTENTION_BACKENDS = ("auto", *KERNELS)
 
 Prompt = str | list[int] | list[dict[str, str]]
 
@@ -97,10 +97,8 @@ class LLM:
             from minillm.quant import quantize_model
 
             quantize_model(self.model, quantization, tokenizer=self.tokenizer)  # AWQ tokenizes its calibration text
-        if attention_backend == "auto":
-            attention_backend = "triton" if self.device.type == "cuda" and triton_available(self.device) else "reference"
-        self.attention_backend = attention_backend
-        self.model.set_attention_backend(attention_backend)
+        # Chosen once, here: every layer of every step uses this kernel, and stats() reports it.
+        self.attention_backend = resolve_kernel(attention_backend, self.device)
         self.max_model_len = min(max_model_len or self.config.max_position_embeddings, self.config.max_position_embeddings)
         self.eos_token_ids = sorted(set(self.config.eos_token_ids) | {t for t in [self.tokenizer.eos_token_id] if t is not None})
         self.kv_cache = kv_cache
@@ -116,7 +114,7 @@ class LLM:
     def _make_engine(self, kv_cache: str, **options):
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         if kv_cache == "none":
-            return RecomputeEngine(self.model, options["max_num_seqs"], pad_token_id=pad)
+            return RecomputeEngine(self.model, options["max_num_seqs"], pad, self.attention_backend)
         if kv_cache == "contiguous":
             from minillm.engine.contiguous import ContiguousEngine
 

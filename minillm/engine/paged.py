@@ -1,7 +1,8 @@
-"""PagedEngine: the scheduler, the block manager, the paged KV cache and the runner wired into one step loop.
+"""PagedEngine: the scheduler, the block manager, the paged KV cache and its attention backend in one step loop.
 
-Every `step()` is: schedule (which sequences, how many tokens each; preempt if blocks run out) -> run one packed
-forward pass (copy-on-write first) -> commit the written K/V to the block manager (fork parallel-sampling children
+Every `step()` is: schedule (which sequences, how many tokens each; preempt if blocks run out) -> the attention
+backend prepares the step (``PagedAttention.prepare``: packed input ids, positions, slots, block tables) -> run one
+packed forward pass (copy-on-write first) -> commit the written K/V to the block manager (fork parallel-sampling children
 whose shared prompt is done) -> sample one token for every sequence whose known tokens are all computed -> free
 the blocks of finished sequences. That is the whole engine of vLLM (arXiv:2309.06180) in miniature; notebook 05
 (``05_continuous_batching``) runs it step by step.
@@ -17,8 +18,10 @@ taken at the step where the most blocks were in use, as reserved-but-unfilled sl
 
 from __future__ import annotations
 
+import torch
+
+from minillm.attention.backends import PagedAttention
 from minillm.engine.request import Sequence, sample_and_append
-from minillm.engine.runner import ModelRunner
 from minillm.engine.scheduler import Scheduler
 from minillm.kvcache.blocks import BlockManager
 from minillm.kvcache.paged import PagedKVCache
@@ -34,8 +37,6 @@ def default_num_kv_blocks(
     model, block_size: int, max_num_seqs: int, max_model_len: int, cache_cls: type = PagedKVCache
 ) -> int:
     """How many KV blocks to allocate when the user did not say (see the module docstring)."""
-    import torch
-
     cfg, param = model.config, next(model.parameters())
     per_block = cache_cls.bytes_per_block(cfg.num_layers, block_size, cfg.num_kv_heads, cfg.head_dim, param.dtype)
     if param.device.type == "cuda":
@@ -75,12 +76,13 @@ class PagedEngine:
             raise ValueError(f"num_kv_blocks must be a positive int or None (derive it), got {num_kv_blocks!r}")
         self.block_manager = BlockManager(num_kv_blocks, block_size, enable_prefix_caching)
         self.kv_cache = cache_cls(
-            cfg.num_layers, num_kv_blocks, block_size, cfg.num_kv_heads, cfg.head_dim,
-            dtype=param.dtype, device=param.device, attention_backend=attention_backend,
+            cfg.num_layers, num_kv_blocks, block_size, cfg.num_kv_heads, cfg.head_dim, dtype=param.dtype,
+            device=param.device,
         )
+        self.attention = PagedAttention(self.kv_cache, self.block_manager, attention_backend)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens, scheduler,
                                    enable_chunked_prefill)
-        self.runner = ModelRunner(model, self.kv_cache, self.block_manager)
+        self.model = model
         self._start_run()
 
     # ---- the engine interface (see engine/llm.py) --------------------------------------------------------------
@@ -113,7 +115,11 @@ class PagedEngine:
         if not out.seqs:
             return []
         sampled = [seq for i, seq in enumerate(out.seqs) if out.is_last_chunk(i)]  # before commit moves the counts
-        logits = self.runner.run(out)  # (len(sampled), V)
+        self.kv_cache.copy_blocks(out.copies)  # copy-on-write before this step writes into the copies
+        inputs = self.attention.prepare(out)
+        with torch.no_grad():
+            logits = self.model(inputs.input_ids, inputs.positions, self.attention, inputs.metadata,
+                                logits_at=inputs.sample_rows)[0]  # (len(sampled), V)
         rows, row_of = list(range(len(sampled))), {seq.seq_id: j for j, seq in enumerate(sampled)}
         for parent, child in self.scheduler.commit(out):  # n > 1: children draw from the parent's logits
             sampled.append(child)

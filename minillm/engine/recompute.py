@@ -13,12 +13,14 @@ from collections import deque
 
 import torch
 
+from minillm.attention.backends import NoCacheAttention
 from minillm.engine.request import Sequence, Status, sample_and_append
 
 
 class RecomputeEngine:
-    def __init__(self, model, max_num_seqs: int, pad_token_id: int = 0):
+    def __init__(self, model, max_num_seqs: int, pad_token_id: int = 0, attention_backend: str = "reference"):
         self.model = model
+        self.attention = NoCacheAttention(attention_backend)
         self.max_num_seqs = max_num_seqs
         self.pad_token_id = pad_token_id
         self.waiting: deque[Sequence] = deque()
@@ -54,7 +56,7 @@ class RecomputeEngine:
         input_ids = torch.full((len(seqs), max(lengths)), self.pad_token_id, dtype=torch.long)  # (B, T)
         for row, seq in enumerate(seqs):
             input_ids[row, : lengths[row]] = torch.tensor(seq.token_ids)
-        logits = self.model(input_ids.to(device))  # (B, T, V)
+        logits = self.model(input_ids.to(device), attention=self.attention)  # (B, T, V)
         last = logits[torch.arange(len(seqs)), torch.tensor(lengths) - 1]  # (B, V)
         sample_and_append(seqs, last)
         self.running = [s for s in seqs if not s.is_finished]

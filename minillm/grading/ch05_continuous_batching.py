@@ -311,7 +311,7 @@ class _Tables:
 def _pack_ref(token_ids, num_computed, num_new, block_tables, block_size):
     from types import SimpleNamespace
 
-    from minillm.engine.runner import prepare_batch
+    from minillm.attention.backends import prepare_batch
     from minillm.engine.scheduler import SchedulerOutput
 
     seqs = [SimpleNamespace(seq_id=i, token_ids=t, num_computed_tokens=c, num_tokens=len(t))
@@ -352,7 +352,7 @@ def check_pack_batch(fn: Callable) -> None:
     computes the next `num_new[i]`. Return (input_ids, positions, slot_mapping, cu_seqlens_q, context_lens) as
     lists: the new tokens of all sequences end to end, their positions, their pool slots
     ``block_table[p // BS] * BS + p % BS``, the cumulative query lengths starting at 0, and each context length
-    after this step (as ``minillm.engine.runner.prepare_batch``).
+    after this step (as ``minillm.attention.backends.prepare_batch``).
     """
     cases = [
         ("one prompt from scratch", [list(range(10, 17))], [0], [7], [[3, 8]], 4),

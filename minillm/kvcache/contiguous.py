@@ -18,6 +18,7 @@ Layout: ``k_cache``, ``v_cache`` are (L, B, Hkv, S_max, D). A layer's slice ``k_
 the (B, Hkv, S, D) tensor attention wants, with no copy: contiguous in S for each head, which is what a decode step
 streams through. The price is the reservation: every row holds S_max columns whether it uses them or not
 (``minillm.kvcache.memory`` counts that waste; paging, chapter 04, removes it).
+The cache only stores; ``minillm.attention.backends.ContiguousAttention`` appends each layer's new K/V and attends.
 Explained in notebooks/03_kv_cache.ipynb; ``minillm.engine.contiguous`` drives it.
 """
 
@@ -27,9 +28,6 @@ from dataclasses import dataclass
 
 import torch
 
-from minillm.attention import attention_ref, causal_attention
-
-BACKENDS = ("reference", "triton")
 
 
 @dataclass
@@ -96,16 +94,12 @@ class ContiguousKVCache:
         head_dim: int,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
-        attention_backend: str = "reference",
     ):
         for name, value in [("num_layers", num_layers), ("max_batch_size", max_batch_size), ("max_len", max_len),
                             ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)]:
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if attention_backend not in BACKENDS:
-            raise ValueError(f"unknown attention_backend {attention_backend!r}; choose one of {BACKENDS}")
         self.max_batch_size, self.max_len = max_batch_size, max_len
-        self.attention_backend = attention_backend
         shape = (num_layers, max_batch_size, num_kv_heads, max_len, head_dim)  # (L, B, Hkv, S_max, D)
         self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
         self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
@@ -113,10 +107,9 @@ class ContiguousKVCache:
 
     @classmethod
     def for_model(cls, config, max_batch_size: int, max_len: int, dtype: torch.dtype = torch.float32,
-                  device: torch.device | str = "cpu", attention_backend: str = "reference") -> ContiguousKVCache:
+                  device: torch.device | str = "cpu") -> ContiguousKVCache:
         """A cache shaped for `config` (a ModelConfig): its layers, KV heads and head dim."""
-        return cls(config.num_layers, max_batch_size, max_len, config.num_kv_heads, config.head_dim, dtype, device,
-                   attention_backend)
+        return cls(config.num_layers, max_batch_size, max_len, config.num_kv_heads, config.head_dim, dtype, device)
 
     @property
     def nbytes(self) -> int:
@@ -168,17 +161,3 @@ class ContiguousKVCache:
         self.v_cache[layer_idx, :B, :, start : start + T] = v
         self.lengths[layer_idx] = start + T
         return self.k_cache[layer_idx, :B, :, : start + T], self.v_cache[layer_idx, :B, :, : start + T]
-
-    def attend(
-        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ContiguousBatch
-    ) -> torch.Tensor:
-        """Append the new k, v (B, Hkv, T, D) at `batch.start`, then attend q (B, H, T, D) over all stored columns.
-
-        The T queries are the last T of the S = start + T columns, so the causal mask is bottom-right aligned;
-        `batch.key_padding_mask` hides the left pads. Returns o (B, H, T, D).
-        """
-        k_all, v_all = self.append(layer_idx, k, v, batch.start)  # (B, Hkv, S, D)
-        if batch.key_padding_mask is None:
-            return causal_attention(q, k_all, v_all, self.attention_backend)
-        # The flash kernel takes no padding mask; padded batches use the exact reference.
-        return attention_ref(q, k_all, v_all, causal=True, key_padding_mask=batch.key_padding_mask)

@@ -8,11 +8,10 @@ In doing so, you will learn about:
     token per head, which needs no calibration; they are dequantized when they are *read*;
   * the cost: D int8 codes + one fp16 scale per vector, (D + 2) bytes instead of 2 * D in fp16 (4 * D in fp32),
     so the same memory holds ~2x (fp16) or ~3.8x (fp32) more tokens.
-Only the storage changes: this is a ``PagedKVCache`` whose three storage hooks quantize on write (``_store``) and
-dequantize on read (``_read_blocks`` for decode, ``_read_slots`` for prefill chunks), so `attend`, the scheduling
-metadata and the attention functions (torch references, or Triton kernels with attention_backend="triton") are the
-ones notebook 04 built. Reads dequantize only the blocks a step needs into a small fp tensor; the dequantization is
-plain torch here, not fused into the attention kernel as production engines do (vLLM's fp8/int8 paged attention):
+Only the storage changes: this is a ``PagedKVCache`` whose three storage methods quantize on write (``store``) and
+dequantize on read (``read_blocks`` for decode, ``read_slots`` for prefill chunks), so the attention backend
+(``minillm.attention.backends.PagedAttention``), its step metadata and kernels are the ones notebook 04 built.
+Reads dequantize only the blocks a step needs into a small fp tensor; the dequantization is plain torch here, not fused into the attention kernel as production engines do (vLLM's fp8/int8 paged attention):
 that is the next step, not a different idea. ``LLM(kv_cache_dtype="int8")`` builds it. Notebook 06
 (``06_quantization``) measures its accuracy on the real model.
 """
@@ -40,10 +39,8 @@ class Int8PagedKVCache(PagedKVCache):
         head_dim: int,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
-        attention_backend: str = "reference",
     ):
-        super().__init__(num_layers, num_blocks, block_size, num_kv_heads, head_dim, torch.int8, device,
-                         attention_backend)
+        super().__init__(num_layers, num_blocks, block_size, num_kv_heads, head_dim, torch.int8, device)
         self.dtype = dtype
         scale_shape = self.k_cache.shape[:-1] + (1,)  # (L, NB, BS, Hkv, 1)
         self.k_scale = torch.ones(scale_shape, dtype=KV_SCALE_DTYPE, device=device)
@@ -58,10 +55,13 @@ class Int8PagedKVCache(PagedKVCache):
         (the compute dtype) does not change it and is accepted only to match ``PagedKVCache.bytes_per_block``."""
         return 2 * num_layers * block_size * num_kv_heads * (head_dim + KV_SCALE_DTYPE.itemsize)
 
-    def _store(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    def store(
+        self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor, use_triton: bool = False
+    ) -> None:
         """Quantize k, v (N, Hkv, D) and write codes and scales at their flat slots (-1 = don't write).
 
-        The new tokens too are read back quantized, so a token sees exactly the cache a later step will see.
+        The new tokens too are read back quantized, so a token sees exactly the cache a later step will see. The
+        quantizing write is plain torch: `use_triton` is accepted for the same signature and changes nothing.
         """
         keep = slot_mapping >= 0
         slots = slot_mapping[keep]
@@ -70,7 +70,7 @@ class Int8PagedKVCache(PagedKVCache):
             codes_pool[layer_idx].view(-1, *codes_pool.shape[3:])[slots] = codes  # (NB * BS, Hkv, D) view
             scale_pool[layer_idx].view(-1, *scale_pool.shape[3:])[slots] = scale
 
-    def _read_blocks(
+    def read_blocks(
         self, layer_idx: int, block_tables: torch.Tensor, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Dequantize just the blocks these tables name into a small pool (B * max_blocks, BS, Hkv, D) in `dtype`;
@@ -81,7 +81,7 @@ class Int8PagedKVCache(PagedKVCache):
         local = torch.arange(blocks.numel(), dtype=torch.int32, device=blocks.device).view(block_tables.shape)
         return k_pool, v_pool, local
 
-    def _read_slots(self, layer_idx: int, slots: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def read_slots(self, layer_idx: int, slots: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Dequantized K and V at flat pool slots (S,) -> (S, Hkv, D) each, in `dtype`."""
         out = []
         for codes_pool, scale_pool in ((self.k_cache, self.k_scale), (self.v_cache, self.v_scale)):

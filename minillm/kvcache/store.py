@@ -9,7 +9,7 @@ notebooks/04_paged_attention.ipynb.
 
 import torch
 
-from minillm._triton import HAS_TRITON, record_launch, tl, triton, triton_available
+from minillm._triton import HAS_TRITON, record_launch, require_triton, tl, triton
 
 if HAS_TRITON:
 
@@ -73,11 +73,9 @@ def store_kv_ref(
 def store_kv(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
-    """Triton version of ``store_kv_ref`` (falls back to it where Triton cannot run)."""
+    """Triton version of ``store_kv_ref`` (raises where Triton cannot run)."""
     _check(k, v, k_cache, v_cache, slot_mapping)
-    if not triton_available(k.device):
-        store_kv_ref(k, v, k_cache, v_cache, slot_mapping)
-        return
+    require_triton(k.device, "store_kv")
     n, hkv, d = k.shape
     if n == 0:
         return
