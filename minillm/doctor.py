@@ -32,9 +32,9 @@ def package_version(package: str) -> str | None:
 def triton_status(device: torch.device) -> str:
     """How minillm's Triton kernels run on `device`: compiled, in the CPU interpreter, or not at all."""
     if MODE == "absent":
-        return "absent: torch fallbacks (pip install triton, Linux only, to run the kernels)"
+        return "absent: the torch references run (pip install triton, Linux only, to run the kernels)"
     if MODE == "off":
-        return "installed, interpreter switched off (TRITON_INTERPRET=0): torch fallbacks on CPU"
+        return "installed, interpreter switched off (TRITON_INTERPRET=0): the torch references run on CPU"
     if device.type == "cuda" and MODE == "compiled":
         return "compiled (CUDA)"
     return "interpreter (TRITON_INTERPRET=1, set by minillm: no GPU): kernels run on CPU, slowly"
@@ -65,6 +65,7 @@ def doctor() -> dict[str, Any]:
     """Print and return what minillm will use here: versions, device, dtype, Triton status, embedded model."""
     # Lazy: loading.py imports transformers, which is slow and not needed for the rest of this report.
     import minillm
+    from minillm.attention.backends import resolve_kernel
     from minillm.loading import resolve_device, resolve_dtype
 
     device = resolve_device(None)
@@ -91,6 +92,7 @@ def doctor() -> dict[str, Any]:
         info["torch_threads"] = torch.get_num_threads()
     info["dtype"] = str(resolve_dtype(None, device)).removeprefix("torch.")
     info["triton_status"] = triton_status(device)
+    info["attention_backend"] = f'{resolve_kernel("auto", device)} (what attention_backend="auto" picks here)'
     model_file = embedded_model_file()
     info["embedded_model"] = (
         f"{model_file.name} (package {EMBEDDED_MODEL_PACKAGE})" if model_file

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +47,33 @@ def load_eval_text(source: str = "offline") -> str:
 def load_calibration_text() -> str:
     """A separate English text shipped in minillm/data for calibrating quantization (AWQ) without a network."""
     return (DATA_DIR / "calibration_text.txt").read_text(encoding="utf-8")
+
+
+def calibration_batch(
+    tokenizer: Any,
+    text: str | None = None,
+    num_tokens: int = 2048,
+    seq_len: int = 128,
+) -> torch.Tensor:
+    """Tokenize calibration text into a (B, seq_len) batch of ``num_tokens // seq_len`` full sequences.
+
+    `text=None` uses the calibration text shipped with minillm (``load_calibration_text``, distinct from the evaluation
+    text, so perplexity is not measured on the tokens quantization or pruning saw). Raises ValueError if the text is
+    too short. The one calibration rule of the package: AWQ (``minillm.quant``) and Wanda (``minillm.prune``) both
+    call it.
+    """
+    if num_tokens < seq_len or seq_len <= 0:
+        raise ValueError(f"need num_tokens >= seq_len > 0, got num_tokens={num_tokens}, seq_len={seq_len}")
+    if text is None:
+        text = load_calibration_text()
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+    num_seqs = num_tokens // seq_len
+    if ids.numel() < num_seqs * seq_len:
+        raise ValueError(
+            f"calibration text has {ids.numel()} tokens, fewer than the {num_seqs * seq_len} requested "
+            f"({num_seqs} x {seq_len})"
+        )
+    return ids[: num_seqs * seq_len].reshape(num_seqs, seq_len)  # (B, T)
 
 
 def _default_text() -> str:

@@ -120,7 +120,11 @@ def test_int8_kv_per_token_per_head():
     rel = (k_hat - k).norm(dim=-1) / k.norm(dim=-1).clamp(min=1e-6)
     assert rel.max() < 0.01
     assert kv.dequantize_kv(codes, scale, torch.bfloat16).dtype == torch.bfloat16
-    assert kv.kv_bytes_per_token(30, 3, 64, int8=True) == 2 * 30 * 3 * 66
-    assert kv.kv_bytes_per_token(30, 3, 64, int8=False) == 2 * 30 * 3 * 128
+    from minillm.config import ModelConfig
+    from minillm.kvcache.memory import kv_bytes_per_token
+
+    smollm_like = ModelConfig.tiny(num_layers=30, num_heads=9, num_kv_heads=3, hidden_size=576)  # D = 64
+    assert kv_bytes_per_token(smollm_like, int8=True) == 2 * 30 * 3 * 66  # 64 codes + one fp16 scale per vector
+    assert kv_bytes_per_token(smollm_like, torch.float16) == 2 * 30 * 3 * 128
     with pytest.raises(TypeError, match="float"):
         kv.quantize_kv(codes)

@@ -161,7 +161,7 @@ def test_abort_frees_blocks_and_pending_children():
     sched, model = Scheduler(bm, 4, 64), FakeModel(bm)
     a = make_seq(0, 9, max_tokens=8)
     kids = [make_seq(i, 5, max_tokens=3, request_id="r", n=2, seed=i) for i in (1, 2)]
-    sched.add(a), sched.add(kids[0]), sched.add(kids[1])
+    sched.add(a), sched.add(kids[0]), sched.add(kids[1], parent=kids[0])
     model.step(sched)
     assert bm.num_used_blocks > 0
     assert sched.abort("0") == [a] and sched.abort("r") == kids
@@ -174,7 +174,7 @@ def test_parallel_sampling_forks_after_the_prompt_and_copies_on_write():
     sched, model = Scheduler(bm, 4, 64), FakeModel(bm)
     seqs = [make_seq(i, 6, max_tokens=3, request_id="r", n=3, seed=i) for i in range(3)]
     for s in seqs:
-        sched.add(s)
+        sched.add(s, parent=seqs[0] if s is not seqs[0] else None)
     assert list(sched.waiting) == seqs[:1]  # the others wait to be forked
     out, sampled = model.step(sched)
     assert out.num_batched_tokens == 6 and sampled == seqs  # one prefill, three first tokens
@@ -221,7 +221,7 @@ def test_invariants_under_random_arrivals(
             seq_id += n
             try:
                 for s in group:
-                    sched.add(s)
+                    sched.add(s, parent=group[0] if s is not group[0] else None)
                 seqs += group
             except ValueError:  # refused up front: too big for the pool or, unchunked, for the budget
                 assert -(-(prompt_len + max_tokens) // block_size) > num_blocks or not chunked

@@ -29,13 +29,13 @@ def test_triton_status_names_the_mode(monkeypatch):
     d = importlib.import_module("minillm.doctor")  # the module: `minillm.doctor` itself is the function
 
     monkeypatch.setattr(d, "MODE", "absent")
-    assert triton_status(torch.device("cpu")).startswith("absent: torch fallbacks")
+    assert triton_status(torch.device("cpu")).startswith("absent: the torch references run")
     monkeypatch.setattr(d, "MODE", "compiled")
     assert triton_status(torch.device("cuda")) == "compiled (CUDA)"
     monkeypatch.setattr(d, "MODE", "interpreter")
     assert triton_status(torch.device("cpu")).startswith("interpreter (TRITON_INTERPRET=1")
     monkeypatch.setattr(d, "MODE", "off")
-    assert "torch fallbacks" in triton_status(torch.device("cpu"))
+    assert "the torch references run" in triton_status(torch.device("cpu"))
 
 
 def test_minillm_turns_the_triton_interpreter_on_without_a_gpu():

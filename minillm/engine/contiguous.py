@@ -46,8 +46,8 @@ class ContiguousEngine:
         self.reserved_tokens = 0  # cache columns reserved, summed over batches
         self.used_tokens = 0  # columns that ended up holding a real token
 
-    def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+    def add(self, seq: Sequence, parent: Sequence | None = None) -> None:
+        self.waiting.append(seq)  # every completion (parent or not) gets its own row: nothing is shared here
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting) or any(not s.is_finished for s in self.running)

@@ -7,7 +7,7 @@ steps it until every sequence has finished, collecting text and timings. The eng
     "contiguous"  ContiguousEngine (engine/contiguous.py)  one preallocated slab per sequence          (chapter 03)
     "paged"       PagedEngine      (engine/paged.py)       KV blocks, continuous batching, preemption (chapters 04-05)
 
-Every engine offers the same five methods: ``add(seq)``, ``step() -> seqs that got a token``, ``abort(request_id)``,
+Every engine offers the same five methods: ``add(seq, parent)``, ``step() -> seqs that got a token``, ``abort(request_id)``,
 ``has_unfinished()``, ``stats()``; so `generate` and `stream` are written once, here.
 
 The request lifecycle cannot leak:
@@ -174,8 +174,8 @@ class LLM:
                 for i in range(params.n)
             ]
             try:
-                for seq in seqs:
-                    self.engine.add(seq)
+                for i, seq in enumerate(seqs):  # n > 1: the other completions fork from the first
+                    self.engine.add(seq, parent=seqs[0] if i else None)
             except BaseException:
                 self.engine.abort(request_id)
                 raise

@@ -23,7 +23,7 @@ import torch
 from minillm.attention.backends import PagedAttention
 from minillm.engine.request import Sequence, sample_and_append
 from minillm.engine.scheduler import Scheduler
-from minillm.kvcache.blocks import BlockManager
+from minillm.kvcache.blocks import BlockManager, check_block_size
 from minillm.kvcache.paged import PagedKVCache
 from minillm.kvcache.paged_int8 import Int8PagedKVCache
 
@@ -66,8 +66,7 @@ class PagedEngine:
         if kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"unknown kv_cache_dtype {kv_cache_dtype!r}; choose one of {KV_CACHE_DTYPES}")
         cache_cls = Int8PagedKVCache if kv_cache_dtype == "int8" else PagedKVCache
-        if block_size < 1 or block_size & (block_size - 1):
-            raise ValueError(f"block_size must be a power of two (1, 2, 4, ..., 16, ...), got {block_size}")
+        check_block_size(block_size)
         if num_kv_blocks is None:
             num_kv_blocks = default_num_kv_blocks(
                 model, block_size, max_num_seqs, max_model_len or cfg.max_position_embeddings, cache_cls
@@ -86,10 +85,11 @@ class PagedEngine:
         self._start_run()
 
     # ---- the engine interface (see engine/llm.py) --------------------------------------------------------------
-    def add(self, seq: Sequence) -> None:
+    def add(self, seq: Sequence, parent: Sequence | None = None) -> None:
+        """Queue `seq`; `parent`: another completion of the same request (n > 1), whose prompt blocks it will share."""
         if not self.has_unfinished():
             self._start_run()
-        self.scheduler.add(seq)
+        self.scheduler.add(seq, parent)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()

@@ -28,8 +28,8 @@ class RecomputeEngine:
         self.num_steps = 0
         self.batch_sizes: list[int] = []
 
-    def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+    def add(self, seq: Sequence, parent: Sequence | None = None) -> None:
+        self.waiting.append(seq)  # nothing is cached, so a completion shares nothing with its `parent`
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)

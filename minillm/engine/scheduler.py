@@ -74,8 +74,12 @@ class Scheduler:
         self.num_preemptions = 0
 
     # ---- requests ----------------------------------------------------------------------------------------------
-    def add(self, seq: Sequence) -> None:
-        """Queue a sequence; one that can never fit the KV pool or the token budget is refused with a ValueError."""
+    def add(self, seq: Sequence, parent: Sequence | None = None) -> None:
+        """Queue a sequence; one that can never fit the KV pool or the token budget is refused with a ValueError.
+
+        ``parent``: parallel sampling (n > 1) -- ``seq`` is another completion of ``parent``'s prompt, forked from it
+        (sharing its prompt blocks) once that prompt is computed, instead of computing the prompt again.
+        """
         bm = self.block_manager
         max_len = min(len(seq.prompt_token_ids) + seq.params.max_tokens, seq.max_model_len)
         if -(-max_len // bm.block_size) > bm.num_blocks:
@@ -91,12 +95,12 @@ class Scheduler:
             )
         if seq.params.n > self.max_num_seqs:
             raise ValueError(f"n={seq.params.n} completions exceed max_num_seqs={self.max_num_seqs}")
-        parent = next((s for s in self.waiting if s.request_id == seq.request_id and s.num_computed_tokens == 0
-                       and not s.output_token_ids), None)
-        if parent is not None and parent.prompt_token_ids == seq.prompt_token_ids:
-            self.children.setdefault(parent.seq_id, []).append(seq)  # forked from `parent` after its prefill
-        else:
+        if parent is None:
             self.waiting.append(seq)
+            return
+        if parent not in self.waiting or parent.num_computed_tokens or parent.prompt_token_ids != seq.prompt_token_ids:
+            raise ValueError(f"sequence {seq.seq_id} can only be forked from a waiting sequence with the same prompt")
+        self.children.setdefault(parent.seq_id, []).append(seq)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -171,9 +175,7 @@ class Scheduler:
         if fits and bm.can_allocate(bm.num_blocks_needed(seq.seq_id, num_cached + n)):
             seq.num_computed_tokens = num_cached
             return n
-        bm.free(seq.seq_id)  # not this step: undo the lookup, and its count in the hit rate, to retry later
-        bm.prefix_cache_queries -= seq.num_tokens
-        bm.prefix_cache_hits -= num_cached
+        bm.undo_allocate_prompt(seq.seq_id, seq.num_tokens)  # not this step: retry later
         return 0
 
     def _schedule(self, seq: Sequence, n: int, out: SchedulerOutput) -> None:

@@ -18,6 +18,12 @@ it to know which blocks the next write touches (those are the ones copy-on-write
 from collections import OrderedDict, deque
 
 
+def check_block_size(block_size: int) -> None:
+    """Block sizes are powers of two: ``p // BS`` and ``p % BS`` become a shift and a mask in every kernel."""
+    if not isinstance(block_size, int) or block_size < 1 or block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of two (1, 2, 4, ..., 16, ...), got {block_size!r}")
+
+
 class OutOfBlocksError(RuntimeError):
     """No free KV block is left; callers check ``can_allocate(num_blocks_needed(...))`` first."""
 
@@ -32,8 +38,7 @@ class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
-        if block_size < 1 or block_size & (block_size - 1):
-            raise ValueError(f"block_size must be a power of two (1, 2, 4, ..., 16, ...), got {block_size}")
+        check_block_size(block_size)
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
@@ -150,6 +155,14 @@ class BlockManager:
         self.prefix_cache_queries += len(token_ids)
         self.prefix_cache_hits += num_cached
         return num_cached
+
+    def undo_allocate_prompt(self, seq_id: int, num_prompt_tokens: int) -> None:
+        """Take back ``allocate_prompt`` for a sequence that was not scheduled after all: its blocks, and its count in
+        the prefix-cache statistics (it will be looked up again when it is)."""
+        self._check_seq(seq_id)
+        self.prefix_cache_queries -= num_prompt_tokens
+        self.prefix_cache_hits -= self.num_computed[seq_id]  # right after allocate_prompt: its cached tokens
+        self.free(seq_id)
 
     def ensure_capacity(self, seq_id: int, num_tokens: int) -> list[tuple[int, int]]:
         """Give positions [0, num_tokens) slots; un-share (copy-on-write) any shared block the next write touches.

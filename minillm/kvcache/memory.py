@@ -29,20 +29,33 @@ KV_PRESETS: dict[str, ModelConfig] = {
 }
 
 
-def dtype_bytes(dtype: torch.dtype | str) -> int:
-    """Bytes per element of a torch dtype, or of its name ("float16", "bfloat16", "float32", "int8", ...)."""
+def as_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """A torch dtype, or its name ("float16", "bfloat16", "float32", "int8", ...) -> the torch dtype."""
     if isinstance(dtype, str):
         if not isinstance(getattr(torch, dtype, None), torch.dtype):
             raise ValueError(f"unknown dtype name {dtype!r}; use a torch dtype name such as 'float16' or 'int8'")
         dtype = getattr(torch, dtype)
     if not isinstance(dtype, torch.dtype):
         raise TypeError(f"dtype must be a torch.dtype or its name, got {type(dtype).__name__} {dtype!r}")
-    return torch.empty((), dtype=dtype).element_size()
+    return dtype
 
 
-def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype | str = torch.float16) -> int:
-    """Bytes of K and V that one token leaves in the cache: 2 x L x Hkv x D x bytes per element."""
-    return 2 * config.num_layers * config.num_kv_heads * config.head_dim * dtype_bytes(dtype)
+def dtype_bytes(dtype: torch.dtype | str) -> int:
+    """Bytes per element of a torch dtype, or of its name."""
+    return torch.empty((), dtype=as_dtype(dtype)).element_size()
+
+
+def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype | str = torch.float16, int8: bool = False) -> int:
+    """Bytes of K and V that one token leaves in the cache: 2 x L x Hkv x D x bytes per element.
+
+    ``int8=True``: the int8 pool's D codes plus one fp16 scale per vector, whatever the compute dtype. Both read the
+    pools' own layouts (``bytes_per_block`` of a one-token block), so a pool and this count cannot disagree.
+    """
+    from minillm.kvcache.paged import PagedKVCache
+    from minillm.kvcache.paged_int8 import Int8PagedKVCache
+
+    pool = Int8PagedKVCache if int8 else PagedKVCache
+    return pool.bytes_per_block(config.num_layers, 1, config.num_kv_heads, config.head_dim, as_dtype(dtype))
 
 
 def weight_bytes(config: ModelConfig, dtype: torch.dtype | str = torch.float16) -> int:

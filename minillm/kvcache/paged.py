@@ -11,6 +11,7 @@ Explained in notebooks/04_paged_attention.ipynb; the engine (notebook 05) builds
 
 import torch
 
+from minillm.kvcache.blocks import check_block_size
 from minillm.kvcache.store import store_kv, store_kv_ref
 
 
@@ -27,8 +28,7 @@ class PagedKVCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
     ):
-        if block_size < 1 or block_size & (block_size - 1):
-            raise ValueError(f"block_size must be a power of two, got {block_size}")
+        check_block_size(block_size)
         self.num_layers, self.num_blocks, self.block_size = num_layers, num_blocks, block_size
         self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
         shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)  # (L, NB, BS, Hkv, D)

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from minillm.eval import load_calibration_text
+from minillm.eval import calibration_batch
 
 # The paper uses 128 x 2048 tokens, but Wanda is robust to far fewer (its section 5 varies the number of calibration
 # samples); 2048 tokens fit the ~2.4k-token calibration text shipped in minillm/data.
@@ -79,32 +79,6 @@ class InputNormCollector:
 def decoder_linears(layer: nn.Module) -> dict[str, nn.Linear]:
     """The prunable linears of one decoder layer, by name relative to it (``self_attn.q_proj``, ``mlp.up_proj``...)."""
     return {name: mod for name, mod in layer.named_modules() if isinstance(mod, nn.Linear)}
-
-
-def calibration_batch(
-    tokenizer: Any,
-    text: str | None = None,
-    num_tokens: int = DEFAULT_CALIBRATION_TOKENS,
-    seq_len: int = DEFAULT_CALIBRATION_SEQ_LEN,
-) -> torch.Tensor:
-    """Tokenize calibration text into a (B, seq_len) batch of ``num_tokens // seq_len`` full sequences.
-
-    `text=None` uses the calibration text shipped with minillm (``minillm.eval.load_calibration_text``, distinct from
-    the evaluation text, so perplexity is not measured on the tokens the pruning saw). Raises ValueError if the text
-    is too short.
-    """
-    if num_tokens < seq_len or seq_len <= 0:
-        raise ValueError(f"need num_tokens >= seq_len > 0, got num_tokens={num_tokens}, seq_len={seq_len}")
-    if text is None:
-        text = load_calibration_text()
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
-    num_seqs = num_tokens // seq_len
-    if ids.numel() < num_seqs * seq_len:
-        raise ValueError(
-            f"calibration text has {ids.numel()} tokens, fewer than the {num_seqs * seq_len} requested "
-            f"({num_seqs} x {seq_len})"
-        )
-    return ids[: num_seqs * seq_len].reshape(num_seqs, seq_len)  # (B, T)
 
 
 class _LayerInputsCaptured(Exception):

@@ -45,13 +45,9 @@ def model_nbytes(model: nn.Module) -> int:
 
 def calibration_ids(tokenizer, text: str | None = None, num_tokens: int = 4096) -> torch.Tensor:
     """Token ids (B, CALIBRATION_SEQ_LEN) of the calibration text (default: the one shipped in minillm/data)."""
-    from minillm.eval import load_calibration_text
+    from minillm.eval import calibration_batch
 
-    text = load_calibration_text() if text is None else text
-    ids = tokenizer(text, return_tensors="pt").input_ids[0, :num_tokens]
-    if ids.numel() < CALIBRATION_SEQ_LEN:
-        return ids[None]
-    return ids[: ids.numel() // CALIBRATION_SEQ_LEN * CALIBRATION_SEQ_LEN].view(-1, CALIBRATION_SEQ_LEN)
+    return calibration_batch(tokenizer, text, num_tokens, CALIBRATION_SEQ_LEN)
 
 
 def _quantized(linear: nn.Linear, scheme: str, group_size: int, backend: str) -> nn.Module:

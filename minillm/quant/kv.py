@@ -40,9 +40,3 @@ def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def dequantize_kv(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """codes int8 (..., D), scales (..., 1) -> (..., D) in `dtype`."""
     return (codes.float() * scale.float()).to(dtype)
-
-
-def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, int8: bool, dtype_bytes: int = 2) -> int:
-    """Cache bytes one token costs across all layers: keys and values, plus one fp16 scale per vector if int8."""
-    per_vector = head_dim + KV_SCALE_DTYPE.itemsize if int8 else head_dim * dtype_bytes
-    return 2 * num_layers * num_kv_heads * per_vector
