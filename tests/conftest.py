@@ -11,12 +11,16 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 
+REAL_MODEL_FIXTURES = {"smollm", "hf_smollm"}
+
+
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
+    """Every test that loads the real model is slow (out of `make test-fast`); GPU tests skip without a GPU."""
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
-        if "gpu" in item.keywords:
+        if REAL_MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+        if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
 
 

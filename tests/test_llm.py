@@ -9,12 +9,6 @@ PROMPTS = ["The capital of France is", "def add(a, b):"]
 
 
 @pytest.fixture(scope="module")
-def llm_none(smollm):
-    model, tok = smollm
-    return minillm.LLM(model, tokenizer=tok, kv_cache="none")
-
-
-@pytest.fixture(scope="module")
 def llm(smollm):
     """The default engine (paged KV cache, continuous batching): the front-end tests run on it because it is fast."""
     model, tok = smollm
@@ -27,10 +21,22 @@ def hf_greedy(hf_model, tok, prompt, max_new_tokens):
     return out[0, ids.shape[1] :].tolist()
 
 
-def test_greedy_matches_transformers_generate(llm_none, hf_smollm, smollm):
-    outs = llm_none.generate(PROMPTS, SamplingParams(max_tokens=8, ignore_eos=True))
-    for prompt, out in zip(PROMPTS, outs):
-        assert out.token_ids == hf_greedy(hf_smollm, smollm[1], prompt, 8), prompt
+GREEDY_PROMPTS = PROMPTS + ["Once upon a time, in a land far away, there lived"]
+
+
+@pytest.mark.parametrize(
+    "kv_cache, options",
+    [("none", {}), ("contiguous", {}), ("paged", {"block_size": 4, "max_num_batched_tokens": 8})],  # paged: chunked
+    ids=["none", "contiguous", "paged"],
+)
+def test_greedy_matches_transformers_generate(kv_cache, options, hf_smollm, smollm):
+    """Every KV cache mode gives transformers' greedy tokens on the real model (prompts of different lengths)."""
+    model, tok = smollm
+    outs = minillm.LLM(model, tokenizer=tok, kv_cache=kv_cache, **options).generate(
+        GREEDY_PROMPTS, SamplingParams(max_tokens=8, ignore_eos=True)
+    )
+    for prompt, out in zip(GREEDY_PROMPTS, outs):
+        assert out.token_ids == hf_greedy(hf_smollm, tok, prompt, 8), (kv_cache, prompt)
         assert out.finish_reason == "length" and out.metrics["num_output_tokens"] == 8
 
 

@@ -29,7 +29,6 @@ from dataclasses import dataclass
 import torch
 
 
-
 @dataclass
 class ContiguousBatch:
     """Where one forward pass writes in a left-padded contiguous cache, and what each row may see.

@@ -5,6 +5,7 @@ zeros into a GPU speedup; ``prune_heads`` / ``prune_mlp_channels`` shrink the ma
 the layers that suffer most.
 """
 
+from minillm.eval import calibration_batch
 from minillm.prune.magnitude import magnitude_mask, magnitude_score, row_mask
 from minillm.prune.pruning import PRUNE_METHODS, model_sparsity, prunable_linears, prune_model, sparsity_report
 from minillm.prune.semistructured import (
@@ -16,7 +17,7 @@ from minillm.prune.semistructured import (
 )
 from minillm.prune.sensitivity import sensitivity_scan
 from minillm.prune.structured import StructuredPruneResult, count_parameters, prune_heads, prune_mlp_channels
-from minillm.prune.wanda import InputNormCollector, calibration_batch, wanda_score
+from minillm.prune.wanda import InputNormCollector, wanda_score
 
 __all__ = [
     "PRUNE_METHODS",

@@ -22,13 +22,13 @@ import torch
 from torch import nn
 from torch.sparse import SparseSemiStructuredTensor
 
+from minillm.eval import calibration_batch
 from minillm.prune.magnitude import check_sparsity, magnitude_score, row_mask
 from minillm.prune.semistructured import nm_mask, parse_pattern
 from minillm.prune.wanda import (
     DEFAULT_CALIBRATION_SEQ_LEN,
     DEFAULT_CALIBRATION_TOKENS,
     apply_mask,
-    calibration_batch,
     prune_wanda,
 )
 

@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from minillm.eval import load_eval_text, perplexity
+from minillm.eval import calibration_batch, load_eval_text, perplexity
 from minillm.prune.magnitude import magnitude_score
 from minillm.prune.pruning import check_prune_args, mask_function, prunable_linears
 from minillm.prune.wanda import (
@@ -27,7 +27,6 @@ from minillm.prune.wanda import (
     DEFAULT_CALIBRATION_TOKENS,
     InputNormCollector,
     apply_mask,
-    calibration_batch,
     wanda_score,
 )
 

@@ -28,11 +28,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from minillm.eval import calibration_batch
 from minillm.prune.wanda import (
     DEFAULT_CALIBRATION_SEQ_LEN,
     DEFAULT_CALIBRATION_TOKENS,
     InputNormCollector,
-    calibration_batch,
 )
 
 STRUCTURED_SCORES = ("wanda", "magnitude")

@@ -20,12 +20,9 @@ that layer's dense forward, as in the paper. Notebook 07 (``07_pruning``) plots 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
 
 import torch
 from torch import nn
-
-from minillm.eval import calibration_batch
 
 # The paper uses 128 x 2048 tokens, but Wanda is robust to far fewer (its section 5 varies the number of calibration
 # samples); 2048 tokens fit the ~2.4k-token calibration text shipped in minillm/data.
