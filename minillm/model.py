@@ -105,13 +105,14 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(C, self.num_kv_heads * D, bias=config.attention_bias)
         self.o_proj = nn.Linear(self.num_heads * D, C, bias=False)
 
-    def forward(self, x, cos, sin, attention: AttentionBackend, metadata: Any = None) -> torch.Tensor:
+    def forward(self, x, cos, sin, attention: AttentionBackend | None = None, metadata: Any = None) -> torch.Tensor:
         B, T, _ = x.shape
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.v_proj(x).view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        attention = attention if attention is not None else EXACT_ATTENTION  # no backend: exact, no cache
         o = attention.forward(self.layer_idx, q, k, v, metadata)  # (B, H, T, D)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, H * D))  # (B, T, C)
 
@@ -136,7 +137,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, attention, metadata=None) -> torch.Tensor:
+    def forward(self, x, cos, sin, attention=None, metadata=None) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, attention, metadata)  # pre-norm residual
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -180,7 +181,6 @@ class Transformer(nn.Module):
             self.inv_freq = self.inv_freq.to(input_ids.device)
         x = self.embed_tokens(input_ids)  # (B, T, C)
         cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)  # (B, T, D) each
-        attention = attention if attention is not None else EXACT_ATTENTION
         for layer in self.layers:
             x = layer(x, cos, sin, attention, metadata)
         if logits_at is not None:

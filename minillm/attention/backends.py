@@ -262,7 +262,11 @@ class PagedAttention:
         self.cache, self.block_manager, self.kernel = cache, block_manager, kernel
 
     def prepare(self, out) -> StepInputs:
-        """The model's inputs and this backend's metadata for a scheduled step (``SchedulerOutput``)."""
+        """The model's inputs and this backend's metadata for a scheduled step (``SchedulerOutput``).
+
+        First the step's copy-on-write: blocks the scheduler un-shared get their contents before anyone writes.
+        """
+        self.cache.copy_blocks(out.copies)
         input_ids, positions, metadata, rows = prepare_batch(out, self.block_manager, self.cache.device)
         return StepInputs(input_ids, positions, metadata, torch.tensor(rows, dtype=torch.long, device=self.cache.device))
 

@@ -1,8 +1,8 @@
 """A model-free run of the real scheduler: who sits in which batch slot at every step.
 
-The scheduler is pure bookkeeping, so it can run without a model: each step, every sequence whose known tokens
-are all computed "samples" a dummy token, exactly where the engine would run the model. This drives the same
-`Scheduler` and `BlockManager` as `PagedEngine`, in milliseconds, so notebook 05 (``05_continuous_batching``) can
+The scheduler is pure bookkeeping, so it can run without a model: this is the real engine loop (``Engine``, with the
+same `Scheduler` and `BlockManager` as `PagedEngine`) around a stand-in model whose every "token" is 0 and a
+stand-in attention backend that holds no tensors. It runs in milliseconds, so notebook 05 (``05_continuous_batching``) can
 draw timelines of static vs continuous batching (Orca, OSDI 2022), show preemption under a small pool, and put the
 arrival rate and the pool size under ipywidgets sliders. Time is counted in steps (one model forward pass each).
 """
@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from minillm.attention.backends import StepInputs
+from minillm.engine.engine import Engine
 from minillm.engine.request import Sequence
 from minillm.engine.sampling import SamplingParams
 from minillm.engine.scheduler import Scheduler
@@ -56,6 +58,21 @@ def random_requests(num: int, rate: float, min_len: int, max_len: int, seed: int
     return [Request(a, p, o) for a, (p, o) in zip(arrivals, lens)]
 
 
+class StandInAttention:
+    """An attention backend with no pool: a step's only input is which packed rows are sampled."""
+
+    cache = None
+
+    def prepare(self, out) -> StepInputs:
+        rows = [i for i in range(len(out.seqs)) if out.is_last_chunk(i)]
+        return StepInputs(None, None, None, torch.tensor(rows, dtype=torch.long))
+
+
+def stand_in_model(input_ids, positions, attention, metadata, logits_at):
+    """One logit per sampled row (1, K, V=1): every sequence "samples" token 0."""
+    return torch.zeros(1, len(logits_at), 1)
+
+
 def simulate(
     requests: list[Request],
     num_blocks: int = 256,
@@ -66,38 +83,37 @@ def simulate(
     enable_chunked_prefill: bool = True,
     max_steps: int = 100_000,
 ) -> Timeline:
-    """Serve `requests` with the real scheduler and a dummy model; returns the step-by-step `Timeline`."""
+    """Serve `requests` with the real engine loop and a stand-in model; returns the step-by-step `Timeline`."""
     bm = BlockManager(num_blocks, block_size, enable_prefix_caching=False)
     sched = Scheduler(bm, max_num_seqs, max_num_batched_tokens, policy, enable_chunked_prefill)
+    engine = Engine(stand_in_model, sched, StandInAttention())
     order = sorted(range(len(requests)), key=lambda i: requests[i].arrival_step)
     timeline, slot_of, slots = Timeline(policy), {}, [None] * sched.max_num_seqs
-    while order or sched.has_unfinished():
+    while order or engine.has_unfinished():
         step = timeline.num_steps
         while order and requests[order[0]].arrival_step <= step:
             i = order.pop(0)
             r = requests[i]
-            sched.add(Sequence(seq_id=i, request_id=str(i), prompt_token_ids=[3 + i % 200] * r.prompt_len,
-                               params=SamplingParams(max_tokens=r.output_len, ignore_eos=True), eos_token_ids=[],
-                               max_model_len=10**9))
-        out = sched.schedule()
+            engine.add(Sequence(seq_id=i, request_id=str(i), prompt_token_ids=[3 + i % 200] * r.prompt_len,
+                                params=SamplingParams(max_tokens=r.output_len, ignore_eos=True), eos_token_ids=[],
+                                max_model_len=10**9))
+        sampled = engine.step()
+        out = engine.last_step
         for seq in out.preempted:
             slots[slot_of.pop(seq.seq_id)] = None
         for seq in out.seqs:
             if seq.seq_id not in slot_of:
                 slot_of[seq.seq_id] = slots.index(None)
                 slots[slot_of[seq.seq_id]] = seq.seq_id
-        sampled = [s for i, s in enumerate(out.seqs) if out.is_last_chunk(i)]
-        sched.commit(out)
         for seq in sampled:
-            seq.append_token(0)  # the dummy model's token
             timeline.first_token_step.setdefault(seq.seq_id, step)
             if seq.is_finished:
                 timeline.finish_step[seq.seq_id] = step
         timeline.slots.append(list(slots))
         timeline.tokens_per_step.append(out.num_batched_tokens)
-        timeline.blocks_used.append(bm.num_used_blocks)
+        # Blocks in use once the step's K/V is written, before finished sequences give theirs back.
+        timeline.blocks_used.append(engine.kv_blocks_used_history[-1] if out.seqs else bm.num_used_blocks)
         timeline.preemptions.append(len(out.preempted))
-        sched.free_finished()
         for seq in sampled:
             if seq.is_finished:
                 slots[slot_of.pop(seq.seq_id)] = None
