@@ -69,11 +69,12 @@ LECTURES = sorted(ROOT.glob("notebooks/[0-9][0-9]_*.ipynb"))
 
 @pytest.mark.parametrize("path", LECTURES, ids=[p.name for p in LECTURES])
 def test_a_kernel_claim_proves_the_kernel_ran(path):
-    """A cell that prints that a kernel matches must count its launches: on a CPU without the interpreter the
-    launchers fall back to the reference, and "kernel == reference" would compare the reference with itself."""
+    """A cell that prints that a kernel matches must count its launches: a path that never reached the kernel (a
+    padded batch, a backend set to the reference) would make "kernel == reference" compare the reference with itself.
+    Cells that print source code (``inspect.getsource``) claim nothing."""
     for i, cell in enumerate(course.read_notebook(path).cells):
         printed = "".join(o.get("text", "") for o in cell.get("outputs", []))
-        if cell.cell_type == "code" and KERNEL_CLAIM.search(printed):
+        if cell.cell_type == "code" and "inspect.getsource" not in cell.source and KERNEL_CLAIM.search(printed):
             assert "count_kernel_launches" in cell.source, f"cell {i} claims a kernel result: {printed[:200]!r}"
 
 

@@ -94,10 +94,9 @@ def test_a_failing_generate_leaves_nothing_behind(kv_cache, error, alone):
     finally:
         failing.remove()
     assert_clean(llm)
-    steps_before = llm.stats()["num_steps"]
     outs = llm.generate(batch[:1], GREEDY)  # the next call runs only its own request, as fast as it should
     assert outs[0].token_ids == alone[tuple(batch[0])]
-    assert llm.stats()["num_steps"] - (0 if kv_cache == "paged" else steps_before) <= GREEDY.max_tokens + 1
+    assert llm.stats()["num_steps"] == GREEDY.max_tokens  # stats describe the last run: this call alone
     assert_clean(llm)
 
 

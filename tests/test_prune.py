@@ -28,7 +28,8 @@ from minillm.prune import (
     wanda_score,
 )
 from minillm.prune.magnitude import num_pruned_per_row
-from minillm.prune.wanda import calibration_batch, first_layer_inputs
+from minillm.eval import calibration_batch
+from minillm.prune.wanda import first_layer_inputs
 
 
 @pytest.fixture

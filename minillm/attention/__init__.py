@@ -6,11 +6,6 @@ between the model and a KV cache (``backends.py``: no cache, contiguous, paged).
 
 import torch
 
-from minillm.attention.flash import flash_attention, flash_attention_ref
-from minillm.attention.paged import paged_decode_attention, paged_decode_attention_ref
-from minillm.attention.online import online_attention, online_softmax_step
-from minillm.attention.reference import attention_probs, attention_ref, causal_mask, repeat_kv
-from minillm.attention.varlen import flash_attention_varlen, flash_attention_varlen_ref
 from minillm.attention.backends import (
     KERNELS,
     ContiguousAttention,
@@ -19,6 +14,11 @@ from minillm.attention.backends import (
     PagedMetadata,
     resolve_kernel,
 )
+from minillm.attention.flash import flash_attention, flash_attention_ref
+from minillm.attention.online import online_attention, online_softmax_step
+from minillm.attention.paged import paged_decode_attention, paged_decode_attention_ref
+from minillm.attention.reference import attention_probs, attention_ref, causal_mask, repeat_kv
+from minillm.attention.varlen import flash_attention_varlen, flash_attention_varlen_ref
 
 __all__ = [
     "KERNELS",

@@ -28,6 +28,7 @@ from minillm.attention.flash import flash_attention
 from minillm.attention.paged import paged_decode_attention, paged_decode_attention_ref
 from minillm.attention.reference import attention_ref
 from minillm.attention.varlen import flash_attention_varlen, flash_attention_varlen_ref
+from minillm.kvcache.contiguous import ContiguousKVCache, left_pad
 
 KERNELS = ("reference", "triton")
 
@@ -48,12 +49,37 @@ def resolve_kernel(kernel: str, device: torch.device | str) -> str:
 
 
 class NoCacheAttention:
-    """Causal attention over the tokens of this forward pass only: q (B, H, T, D), k, v (B, Hkv, T, D)."""
+    """Causal attention over the tokens of this forward pass only: q (B, H, T, D), k, v (B, Hkv, T, D).
 
-    def __init__(self, kernel: str = "reference"):
+    As an engine's backend it keeps nothing, so every step runs each sequence's whole token list again (chapter 01's
+    ``generate``, the baseline of chapter 03): ``prepare`` lays the sequences in rows, *right*-padded -- the causal
+    mask already stops real tokens from seeing the pads after them -- and the logits are read at each row's last real
+    token.
+    """
+
+    keeps_kv = False  # the engine recomputes every token at every step
+    forks_share_kv = False  # nothing to share: each completion of a request runs on its own
+
+    def __init__(self, kernel: str = "reference", pad_token_id: int = 0, device: torch.device | str = "cpu"):
         if kernel not in KERNELS:
             raise ValueError(f"unknown attention kernel {kernel!r}; choose one of {KERNELS}")
-        self.kernel = kernel
+        self.kernel, self.pad_token_id, self.device = kernel, pad_token_id, torch.device(device)
+        self.cache = None
+
+    def prepare(self, out) -> StepInputs:
+        """Every scheduled sequence's tokens from position 0, one row each, right-padded to the longest."""
+        if any(seq.num_computed_tokens for seq in out.seqs):
+            raise RuntimeError("a no-cache step recomputes whole sequences; the scheduler sent a partly computed one")
+        lengths = list(out.num_new_tokens)
+        input_ids = torch.full((len(lengths), max(lengths)), self.pad_token_id, dtype=torch.long)  # (B, T)
+        for row, (seq, n) in enumerate(zip(out.seqs, lengths)):
+            input_ids[row, :n] = torch.tensor(seq.token_ids[:n])
+        rows = torch.arange(len(lengths), device=self.device)
+        cols = torch.tensor(lengths, device=self.device) - 1  # each row's last real token
+        return StepInputs(input_ids.to(self.device), None, None, None, rows, cols)
+
+    def stats(self) -> dict:
+        return {}
 
     def forward(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, metadata=None) -> torch.Tensor:
         if self.kernel == "triton":
@@ -64,11 +90,85 @@ class NoCacheAttention:
 class ContiguousAttention:
     """Append the new K/V to a ``ContiguousKVCache`` and attend over every stored column (metadata: a
     ``ContiguousBatch``). The T queries are the last T of the S stored columns, so the causal mask is bottom-right
-    aligned; the batch's key padding mask hides the left pads."""
+    aligned; the batch's key padding mask hides the left pads.
 
-    def __init__(self, cache, kernel: str = "reference"):
+    As an engine's backend (with the scheduler's static policy, chapter 03) it runs a static batch the way
+    ``model.generate`` does in transformers and gpt-fast: ``prepare`` reserves a slab for the batch -- B rows of
+    ``P + max_steps - 1`` columns, P the longest prompt, max_steps the most tokens any row may still generate --
+    runs the prompts LEFT-padded to P in one prefill, then feeds each row its last token (B, 1) per step. A row that
+    finishes keeps its place, fed a pad token nobody reads, until the whole batch is done. That idle work and the
+    columns reserved for tokens never generated are what paging and continuous batching remove; ``stats()`` counts
+    both.
+    """
+
+    keeps_kv = True
+    forks_share_kv = False  # every completion gets its own row
+
+    def __init__(self, cache: ContiguousKVCache | None = None, kernel: str = "reference", config=None,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", pad_token_id: int = 0):
         self.cache, self.kernel = cache, kernel
+        self.config, self.dtype, self.device, self.pad_token_id = config, dtype, torch.device(device), pad_token_id
         self.num_fallbacks = 0  # layer calls that took the reference because the batch was padded
+        self.rows: list = []  # the static batch's sequences, one per row, finished ones included
+        self.batch = None  # the last step's ContiguousBatch
+        self.rows_per_step: list[int] = []  # rows computed per step, idle rows included
+        self.num_idle_row_steps = 0  # rows fed only to keep the batch rectangular
+        self.reserved_tokens = 0  # cache columns reserved, summed over batches
+        self.used_tokens = 0  # columns that ended up holding a real token, over finished batches
+
+    def prepare(self, out) -> StepInputs:
+        """A new static batch: reserve its slab and prefill it; otherwise the batch's next decode step."""
+        seqs = out.seqs
+        if all(seq.num_computed_tokens == 0 for seq in seqs):
+            return self._prefill(seqs)
+        if any(seq.num_computed_tokens == 0 for seq in seqs) or any(n != 1 for n in out.num_new_tokens):
+            raise RuntimeError("a contiguous batch is static: no sequence may join or prefill in the middle of it")
+        row_of = {seq.seq_id: row for row, seq in enumerate(self.rows)}
+        running = {seq.seq_id for seq in seqs}
+        last = [seq.token_ids[-1] if seq.seq_id in running else self.pad_token_id for seq in self.rows]
+        self.batch = self.batch.next_decode()
+        self.num_idle_row_steps += len(self.rows) - len(seqs)
+        self.rows_per_step.append(len(self.rows))
+        rows = torch.tensor([row_of[seq.seq_id] for seq in seqs], device=self.device)
+        input_ids = torch.tensor(last, device=self.device)[:, None]  # (B, 1)
+        return StepInputs(input_ids, self.batch.positions, self.batch, None, rows, torch.zeros_like(rows))
+
+    def _prefill(self, seqs) -> StepInputs:
+        self.used_tokens += self._used_by_rows()
+        input_ids, batch = left_pad([seq.token_ids for seq in seqs], self.pad_token_id, self.device)  # (B, P)
+        B, P = input_ids.shape
+        # The most tokens a row may still produce; the last one is sampled but never written to the cache.
+        max_steps = max(min(s.params.max_tokens - len(s.output_token_ids), s.max_model_len - s.num_tokens) for s in seqs)
+        max_len = P + max(max_steps, 1) - 1
+        if self.cache is None or self.cache.max_batch_size < B or self.cache.max_len < max_len:
+            self.cache = None  # free the old slab before reserving a bigger one
+            self.cache = ContiguousKVCache.for_model(self.config, B, max_len, self.dtype, self.device)
+        else:
+            self.cache.reset()
+        self.reserved_tokens += B * max_len
+        self.rows, self.batch = list(seqs), batch
+        self.rows_per_step.append(B)
+        # Left padding: every row's last prompt token is in column P - 1, the only one whose logits we need.
+        rows = torch.arange(B, device=self.device)
+        logits_at = torch.tensor([P - 1], device=self.device)
+        return StepInputs(input_ids, batch.positions, batch, logits_at, rows, torch.zeros_like(rows))
+
+    def _used_by_rows(self) -> int:
+        """Columns the current batch's rows filled: every token but the last, which is never fed back."""
+        return sum(seq.num_tokens - 1 for seq in self.rows)
+
+    def stats(self) -> dict:
+        done = all(seq.is_finished for seq in self.rows)  # a batch's columns are counted once it has finished
+        used = self.used_tokens + (self._used_by_rows() if done else 0)
+        return {
+            "batch_sizes": list(self.rows_per_step),  # rows computed per step, idle rows included
+            "num_idle_row_steps": self.num_idle_row_steps,
+            "kv_reserved_tokens": self.reserved_tokens,
+            "kv_used_tokens": used,
+            "kv_waste": 1.0 - used / self.reserved_tokens if self.reserved_tokens else 0.0,
+            "kv_reserved_bytes": self.cache.nbytes if self.cache is not None else 0,
+            "attention_fallbacks": self.num_fallbacks,
+        }
 
     def forward(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch) -> torch.Tensor:
         """q (B, H, T, D), new k, v (B, Hkv, T, D) -> o (B, H, T, D)."""
@@ -237,13 +337,19 @@ def prepare_batch(
 
 @dataclass
 class StepInputs:
-    """What one engine step feeds the model: packed input_ids and positions (1, N), the backend's metadata, and the
-    packed rows whose logits are sampled (one per sequence whose known tokens are all computed after this step)."""
+    """What one engine step feeds the model, and where the logits of the sampled sequences come out.
+
+    input_ids, positions (B, T) (positions None: 0..T-1 in every row); metadata: the backend's, for every layer;
+    logits_at: the columns the model computes logits for (None: all); rows, cols (K,): the sampled sequences'
+    logits are ``model_output[rows, cols]`` (K, V), in the order of the scheduler's sequences that sample.
+    """
 
     input_ids: torch.Tensor
-    positions: torch.Tensor
-    metadata: PagedMetadata
-    sample_rows: torch.Tensor
+    positions: torch.Tensor | None
+    metadata: object
+    logits_at: torch.Tensor | None
+    rows: torch.Tensor
+    cols: torch.Tensor
 
 
 class PagedAttention:
@@ -258,6 +364,9 @@ class PagedAttention:
         the causal part of the chunk; FlashAttention's varlen interface, arXiv:2307.08691).
     """
 
+    keeps_kv = True
+    forks_share_kv = True  # parallel-sampling children share their parent's prompt blocks (copy-on-write)
+
     def __init__(self, cache, block_manager=None, kernel: str = "reference"):
         self.cache, self.block_manager, self.kernel = cache, block_manager, kernel
 
@@ -267,8 +376,11 @@ class PagedAttention:
         First the step's copy-on-write: blocks the scheduler un-shared get their contents before anyone writes.
         """
         self.cache.copy_blocks(out.copies)
-        input_ids, positions, metadata, rows = prepare_batch(out, self.block_manager, self.cache.device)
-        return StepInputs(input_ids, positions, metadata, torch.tensor(rows, dtype=torch.long, device=self.cache.device))
+        input_ids, positions, metadata, sample_rows = prepare_batch(out, self.block_manager, self.cache.device)
+        logits_at = torch.tensor(sample_rows, dtype=torch.long, device=self.cache.device)
+        # One packed row: logits come out as (1, K, V), sequence j's at column j.
+        return StepInputs(input_ids, positions, metadata, logits_at, torch.zeros_like(logits_at),
+                          torch.arange(len(sample_rows), device=self.cache.device))
 
     def forward(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: PagedMetadata) -> torch.Tensor:
         """Store the new k, v (1, Hkv, N, D) in their slots, then attend q (1, H, N, D) to each sequence's cache."""
@@ -310,3 +422,6 @@ class PagedAttention:
             )
             out[0, :, plan.prefill_tokens] = o_pre.transpose(0, 1)
         return out
+
+    def stats(self) -> dict:
+        return {}

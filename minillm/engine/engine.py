@@ -11,8 +11,11 @@ That is the whole engine of vLLM (arXiv:2309.06180) in miniature, and the one pl
   5. every sequence whose known tokens are all computed samples its next token;
   6. finished sequences give their blocks back.
 
-The paged engine (``engine/paged.py``) is this loop with a paged pool; the model-free simulator behind notebook 05's
-timelines (``engine/simulate.py``) is this loop with a stand-in model and backend. ``stats()`` describes the last run
+Every ``kv_cache`` mode is this loop with another attention backend and scheduler policy: "none"
+(``engine/recompute.py``: no cache, every step recomputes everything), "contiguous" (``engine/contiguous.py``: a
+static batch over a left-padded slab), "paged" (``engine/paged.py``: a paged pool, continuous batching). The
+model-free simulator behind notebook 05's timelines (``engine/simulate.py``) is this loop with a stand-in model and
+backend. ``stats()`` describes the last run
 (from the moment a request arrives at an idle engine): the waste percentage is taken at the step where the most
 blocks were in use, as reserved-but-unfilled slots over reserved slots.
 """
@@ -39,7 +42,7 @@ class Engine:
         """Queue `seq`; `parent`: another completion of the same request (n > 1), whose prompt blocks it will share."""
         if not self.has_unfinished():
             self._start_run()
-        self.scheduler.add(seq, parent)
+        self.scheduler.add(seq, parent if self.attention.forks_share_kv else None)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -68,13 +71,17 @@ class Engine:
         inputs = self.attention.prepare(out)
         with torch.no_grad():
             logits = self.model(inputs.input_ids, inputs.positions, self.attention, inputs.metadata,
-                                logits_at=inputs.sample_rows)[0]  # (len(sampled), V)
+                                logits_at=inputs.logits_at)  # (B, T or K, V)
+        logits = logits[inputs.rows, inputs.cols]  # (len(sampled), V)
         rows, row_of = list(range(len(sampled))), {seq.seq_id: j for j, seq in enumerate(sampled)}
         for parent, child in self.scheduler.commit(out):  # n > 1: children draw from the parent's logits
             sampled.append(child)
             rows.append(row_of[parent.seq_id])
         sample_and_append(sampled, logits[rows])
         self._record(out)
+        if not self.attention.keeps_kv:  # nothing was stored: the next step computes every token again
+            for seq in self.scheduler.running:
+                seq.num_computed_tokens = 0
         self.scheduler.free_finished()
         return sampled
 
@@ -104,21 +111,13 @@ class Engine:
             self.kv_waste_pct = 100.0 * sum(unfilled.values()) / (used * bm.block_size)
 
     def stats(self) -> dict:
-        bm = self.block_manager
-        preemptions, hits, queries = (a - b for a, b in zip(
-            (self.scheduler.num_preemptions, bm.prefix_cache_hits, bm.prefix_cache_queries), self._run_base))
+        """Steps, batch sizes and preemptions of the last run, and the attention backend's own counts."""
         return {
             "scheduler": self.scheduler.policy,
-            "block_size": bm.block_size,
-            "kv_cache_bytes": self.attention.cache.nbytes if self.attention.cache is not None else 0,
-            "kv_blocks_total": bm.num_blocks,
-            "kv_blocks_used": bm.num_used_blocks,
-            "kv_blocks_peak": self.kv_blocks_peak,
-            "kv_waste_pct": self.kv_waste_pct,
-            "prefix_cache_hit_rate": hits / queries if queries else 0.0,
-            "num_preemptions": preemptions,
+            "num_preemptions": self.scheduler.num_preemptions - self._run_base[0],
             "num_steps": self.num_steps,
             "batch_sizes": list(self.batch_sizes),
             "tokens_per_step": list(self.tokens_per_step),
-            "kv_blocks_used_history": list(self.kv_blocks_used_history),
+            # Last, so a backend may say more precisely what it computed (a contiguous batch counts its idle rows).
+            **self.attention.stats(),
         }

@@ -7,8 +7,9 @@ steps it until every sequence has finished, collecting text and timings. The eng
     "contiguous"  ContiguousEngine (engine/contiguous.py)  one preallocated slab per sequence          (chapter 03)
     "paged"       PagedEngine      (engine/paged.py)       KV blocks, continuous batching, preemption (chapters 04-05)
 
-Every engine offers the same five methods: ``add(seq, parent)``, ``step() -> seqs that got a token``, ``abort(request_id)``,
-``has_unfinished()``, ``stats()``; so `generate` and `stream` are written once, here.
+All three are the one engine loop of ``engine/engine.py`` with another attention backend and scheduler policy, so
+they offer the same five methods: ``add(seq, parent)``, ``step() -> seqs that got a token``, ``abort(request_id)``,
+``has_unfinished()``, ``stats()``; `generate` and `stream` are written once, here.
 
 The request lifecycle cannot leak:
   * each request's `Sequence`s collect its own tokens and text, and every consumer reads only its own requests
@@ -114,11 +115,12 @@ class LLM:
     def _make_engine(self, kv_cache: str, **options):
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         if kv_cache == "none":
-            return RecomputeEngine(self.model, options["max_num_seqs"], pad, self.attention_backend)
+            return RecomputeEngine(self.model, options["max_num_seqs"], pad, self.attention_backend, self.max_model_len)
         if kv_cache == "contiguous":
             from minillm.engine.contiguous import ContiguousEngine
 
-            return ContiguousEngine(self.model, options["max_num_seqs"], pad, self.attention_backend)
+            return ContiguousEngine(self.model, options["max_num_seqs"], pad, self.attention_backend,
+                                    self.max_model_len)
         if kv_cache == "paged":
             from minillm.engine.paged import PagedEngine
 
@@ -181,7 +183,7 @@ class LLM:
                 raise
         return seqs
 
-    def _step(self, waiting_for: list[Sequence]) -> None:
+    def _advance(self, waiting_for: list[Sequence]) -> None:
         """One engine step for a caller waiting on `waiting_for`, holding the lock: it advances everyone's requests."""
         with self._lock:
             if all(s.is_finished for s in waiting_for):  # another thread's step (or abort) got there first
@@ -227,7 +229,7 @@ class LLM:
             with tqdm(total=len(all_seqs), desc="generating", disable=not use_tqdm, unit="seq") as bar:
                 done = 0
                 while done < len(all_seqs):
-                    self._step(all_seqs)
+                    self._advance(all_seqs)
                     now_done = sum(s.is_finished for s in all_seqs)
                     bar.update(now_done - done)
                     done = now_done
@@ -253,7 +255,7 @@ class LLM:
                     continue  # while we were suspended, others may have stepped the engine: look again
                 if seq.is_finished:
                     break
-                self._step(seqs[:1])
+                self._advance(seqs[:1])
         finally:  # stopped early, or n > 1: the request's other completions would run on unread
             self._abort_unfinished(seqs)
 

@@ -77,3 +77,22 @@ class PagedEngine(Engine):
         )
         scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens, scheduler, enable_chunked_prefill)
         super().__init__(model, scheduler, PagedAttention(self.kv_cache, self.block_manager, attention_backend))
+
+    def stats(self) -> dict:
+        """The engine loop's counts, and the block pool's: blocks in use (now, at the peak, per step), the waste at
+        the peak, the prefix-cache hit rate of the last run."""
+        bm = self.block_manager
+        hits, queries = bm.prefix_cache_hits - self._run_base[1], bm.prefix_cache_queries - self._run_base[2]
+        loop = super().stats()
+        return {
+            "scheduler": loop.pop("scheduler"),
+            "block_size": bm.block_size,
+            "kv_cache_bytes": self.kv_cache.nbytes,
+            "kv_blocks_total": bm.num_blocks,
+            "kv_blocks_used": bm.num_used_blocks,
+            "kv_blocks_peak": self.kv_blocks_peak,
+            "kv_waste_pct": self.kv_waste_pct,
+            "prefix_cache_hit_rate": hits / queries if queries else 0.0,
+            **loop,
+            "kv_blocks_used_history": list(self.kv_blocks_used_history),
+        }

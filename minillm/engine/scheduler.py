@@ -48,6 +48,15 @@ class SchedulerOutput:
         return self.seqs[i].num_computed_tokens + self.num_new_tokens[i] == self.seqs[i].num_tokens
 
 
+def whole_sequence_scheduler(max_num_seqs: int, max_model_len: int, policy: str) -> Scheduler:
+    """A scheduler for backends without a paged pool (no cache, a contiguous slab): a sequence always runs whole in one
+    step (no chunked prefill, a token budget that fits every sequence at full length). Its block manager only counts,
+    sized so it never runs out: those backends keep their own memory (or none)."""
+    block_size = 16
+    bm = BlockManager(max_num_seqs * -(-max_model_len // block_size), block_size, enable_prefix_caching=False)
+    return Scheduler(bm, max_num_seqs, max_num_seqs * max_model_len, policy, enable_chunked_prefill=False)
+
+
 class Scheduler:
     def __init__(
         self,

@@ -61,11 +61,14 @@ def random_requests(num: int, rate: float, min_len: int, max_len: int, seed: int
 class StandInAttention:
     """An attention backend with no pool: a step's only input is which packed rows are sampled."""
 
-    cache = None
+    cache, keeps_kv, forks_share_kv = None, True, False
 
     def prepare(self, out) -> StepInputs:
-        rows = [i for i in range(len(out.seqs)) if out.is_last_chunk(i)]
-        return StepInputs(None, None, None, torch.tensor(rows, dtype=torch.long))
+        rows = torch.tensor([i for i in range(len(out.seqs)) if out.is_last_chunk(i)], dtype=torch.long)
+        return StepInputs(None, None, None, rows, torch.zeros_like(rows), torch.arange(len(rows)))
+
+    def stats(self) -> dict:
+        return {}
 
 
 def stand_in_model(input_ids, positions, attention, metadata, logits_at):
