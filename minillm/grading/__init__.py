@@ -31,6 +31,14 @@ The framework is in ``framework.py``; each chapter's checks live in ``chNN_topic
 plausible wrong answers in ``tests/answers/chNN_topic.py`` that it must reject.
 """
 
+# Each chapter module lists its checks in __all__: minillm.grading.check_<name> for every one.
+from minillm.grading.ch01_llm_from_scratch import *  # noqa: F401,F403
+from minillm.grading.ch02_attention import *  # noqa: F401,F403
+from minillm.grading.ch03_kv_cache import *  # noqa: F401,F403
+from minillm.grading.ch04_paged_attention import *  # noqa: F401,F403
+from minillm.grading.ch05_continuous_batching import *  # noqa: F401,F403
+from minillm.grading.ch06_quantization import *  # noqa: F401,F403
+from minillm.grading.ch07_pruning import *  # noqa: F401,F403
 from minillm.grading.framework import (  # noqa: F401
     SEED_VARIABLE,
     Exercise,
@@ -42,11 +50,3 @@ from minillm.grading.framework import (  # noqa: F401
     randint,
     randn,
 )
-# Each chapter module lists its checks in __all__: minillm.grading.check_<name> for every one.
-from minillm.grading.ch01_llm_from_scratch import *  # noqa: F401,F403
-from minillm.grading.ch02_attention import *  # noqa: F401,F403
-from minillm.grading.ch03_kv_cache import *  # noqa: F401,F403
-from minillm.grading.ch04_paged_attention import *  # noqa: F401,F403
-from minillm.grading.ch05_continuous_batching import *  # noqa: F401,F403
-from minillm.grading.ch06_quantization import *  # noqa: F401,F403
-from minillm.grading.ch07_pruning import *  # noqa: F401,F403

@@ -16,9 +16,11 @@ from minillm.grading.framework import (
     assert_close,
     assert_equal,
     assert_shape,
+    call_kernel,
     exercise,
     generator,
     randn,
+    triton_device,
 )
 
 __all__ = [  # the checks, re-exported by minillm.grading
@@ -368,25 +370,11 @@ def check_softmax_kernel(fn: Callable) -> None:
     Runs on CUDA when available, else on the CPU in Triton's interpreter, which importing minillm switches on when
     there is no GPU (before the learner's kernel is defined).
     """
-    from minillm._triton import triton_available
-    from minillm.doctor import triton_status
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if not triton_available(device):
-        raise AssertionError(
-            f"Exercise 2.4 (row-softmax kernel): Triton cannot run here: {triton_status(torch.device(device))}. "
-            "Triton exists for Linux only (pip install triton); on a CPU, minillm runs kernels in Triton's "
-            "interpreter unless TRITON_INTERPRET=0 is set. Or use a GPU runtime."
-        )
+    device = triton_device("Exercise 2.4 (row-softmax kernel)")
 
     def run(x):
-        try:
-            return fn(x)
-        except Exception as e:
-            # Triton wraps what a kernel raises (InterpreterError on CPU, CompilationError on GPU): unwrap the stub's.
-            if "NotImplementedError" in f"{e!r} {e.__cause__!r}":
-                raise NotImplementedError(str(e)) from e
-            raise
+        return call_kernel(fn, x)
 
     def case(x, what):
         assert_close(run(x), torch.softmax(x, dim=-1), atol=1e-6, rtol=1e-4, what=what)

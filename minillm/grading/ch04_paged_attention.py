@@ -22,9 +22,11 @@ from minillm.grading.framework import (
     assert_close,
     assert_equal,
     assert_shape,
+    call_kernel,
     exercise,
     generator,
     randn,
+    triton_device,
 )
 
 __all__ = [  # the checks, re-exported by minillm.grading
@@ -582,26 +584,12 @@ def check_paged_scores_kernel(fn: Callable) -> None:
     Runs on CUDA when available, else on the CPU in Triton's interpreter, which importing minillm switches on when
     there is no GPU (before the learner's kernel is defined). D is a power of two; shapes stay small.
     """
-    from minillm._triton import triton_available
     from minillm.attention.paged import paged_decode_attention_ref
-    from minillm.doctor import triton_status
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if not triton_available(device):
-        raise AssertionError(
-            f"Exercise 4.6 (paged scores kernel): Triton cannot run here: {triton_status(torch.device(device))}. "
-            "Triton exists for Linux only (pip install triton); on a CPU, minillm runs kernels in Triton's "
-            "interpreter unless TRITON_INTERPRET=0 is set. Or use a GPU runtime."
-        )
+    device = triton_device("Exercise 4.6 (paged scores kernel)")
 
     def run(*args):
-        try:
-            return fn(*args)
-        except Exception as e:
-            # Triton wraps what a kernel raises (InterpreterError on CPU, CompilationError on GPU): unwrap the stub's.
-            if "NotImplementedError" in f"{e!r} {e.__cause__!r}":
-                raise NotImplementedError(str(e)) from e
-            raise
+        return call_kernel(fn, *args)
 
     def views(q, pool, head, tables, lens):
         """The kernel's inputs as views into larger buffers: q one head of (B, H, D), K one head of the pool, the

@@ -20,7 +20,6 @@ from minillm.grading.framework import (
     exercise,
 )
 
-
 __all__ = [  # the checks, re-exported by minillm.grading
     "check_schedule_step",
     "check_preempt",

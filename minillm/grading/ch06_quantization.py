@@ -20,12 +20,13 @@ from minillm.grading.framework import (
     assert_close,
     assert_equal,
     assert_shape,
+    call_kernel,
     exercise,
     generator,
     randint,
     randn,
+    triton_device,
 )
-
 
 __all__ = [  # the checks, re-exported by minillm.grading
     "check_absmax_quantize",
@@ -498,26 +499,12 @@ def check_int4_gemv_kernel(fn: Callable) -> None:
     no GPU (before the learner's kernel is defined). Same as ``minillm.quant.kernels.dequant_gemv_ref(x, qweight,
     scales, zeros, 4, group_size)``.
     """
-    from minillm._triton import triton_available
-    from minillm.doctor import triton_status
     from minillm.quant.kernels import dequant_gemv_ref
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if not triton_available(device):
-        raise AssertionError(
-            f"Exercise 6.6 (int4 dequantize-inside-GEMV kernel): Triton cannot run here: "
-            f"{triton_status(torch.device(device))}. Triton exists for Linux only (pip install triton); on a CPU, "
-            "minillm runs kernels in Triton's interpreter unless TRITON_INTERPRET=0 is set. Or use a GPU runtime."
-        )
+    device = triton_device("Exercise 6.6 (int4 dequantize-inside-GEMV kernel)")
 
     def run(*args):
-        try:
-            return fn(*args)
-        except Exception as e:
-            # Triton wraps what a kernel raises (InterpreterError on CPU, CompilationError on GPU): unwrap the stub's.
-            if "NotImplementedError" in f"{e!r} {e.__cause__!r}":
-                raise NotImplementedError(str(e)) from e
-            raise
+        return call_kernel(fn, *args)
 
     def case(M, N, K, G, gen, what):
         x, qweight, scales, zeros = _int4_case(M, N, K, G, gen, device)

@@ -199,3 +199,30 @@ def assert_equal(got: Any, expected: Any, what: str = "output") -> None:
         return
     if got != expected:
         raise AssertionError(f"{what}: expected {expected!r}, got {got!r}")
+
+
+def triton_device(what: str) -> str:
+    """Where a kernel exercise runs: CUDA when present, else the CPU in Triton's interpreter (which importing minillm
+    switches on there); a clear failure, naming the exercise, where Triton cannot run at all."""
+    from minillm._triton import triton_available
+    from minillm.doctor import triton_status
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if not triton_available(device):
+        raise AssertionError(
+            f"{what}: Triton cannot run here: {triton_status(torch.device(device))}. Triton exists for Linux only "
+            "(pip install triton); on a CPU, minillm runs kernels in Triton's interpreter unless TRITON_INTERPRET=0 "
+            "is set. Or use a GPU runtime."
+        )
+    return device
+
+
+def call_kernel(fn: Callable, *args: Any) -> Any:
+    """Call a learner's kernel launcher; the stub's NotImplementedError comes out as itself."""
+    try:
+        return fn(*args)
+    except Exception as e:
+        # Triton wraps what a kernel raises (InterpreterError on CPU, CompilationError on GPU): unwrap the stub's.
+        if "NotImplementedError" in f"{e!r} {e.__cause__!r}":
+            raise NotImplementedError(str(e)) from e
+        raise
