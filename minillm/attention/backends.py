@@ -48,6 +48,12 @@ def resolve_kernel(kernel: str, device: torch.device | str) -> str:
     return kernel
 
 
+def check_kernel(kernel: str) -> str:
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown attention kernel {kernel!r}; choose one of {KERNELS} (or resolve 'auto' first)")
+    return kernel
+
+
 class NoCacheAttention:
     """Causal attention over the tokens of this forward pass only: q (B, H, T, D), k, v (B, Hkv, T, D).
 
@@ -61,9 +67,7 @@ class NoCacheAttention:
     forks_share_kv = False  # nothing to share: each completion of a request runs on its own
 
     def __init__(self, kernel: str = "reference", pad_token_id: int = 0, device: torch.device | str = "cpu"):
-        if kernel not in KERNELS:
-            raise ValueError(f"unknown attention kernel {kernel!r}; choose one of {KERNELS}")
-        self.kernel, self.pad_token_id, self.device = kernel, pad_token_id, torch.device(device)
+        self.kernel, self.pad_token_id, self.device = check_kernel(kernel), pad_token_id, torch.device(device)
         self.cache = None
 
     def prepare(self, out) -> StepInputs:
@@ -106,7 +110,7 @@ class ContiguousAttention:
 
     def __init__(self, cache: ContiguousKVCache | None = None, kernel: str = "reference", config=None,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", pad_token_id: int = 0):
-        self.cache, self.kernel = cache, kernel
+        self.cache, self.kernel = cache, check_kernel(kernel)
         self.config, self.dtype, self.device, self.pad_token_id = config, dtype, torch.device(device), pad_token_id
         self.num_fallbacks = 0  # layer calls that took the reference because the batch was padded
         self.rows: list = []  # the static batch's sequences, one per row, finished ones included
@@ -368,7 +372,7 @@ class PagedAttention:
     forks_share_kv = True  # parallel-sampling children share their parent's prompt blocks (copy-on-write)
 
     def __init__(self, cache, block_manager=None, kernel: str = "reference"):
-        self.cache, self.block_manager, self.kernel = cache, block_manager, kernel
+        self.cache, self.block_manager, self.kernel = cache, block_manager, check_kernel(kernel)
 
     def prepare(self, out) -> StepInputs:
         """The model's inputs and this backend's metadata for a scheduled step (``SchedulerOutput``).

@@ -15,9 +15,7 @@ Every ``kv_cache`` mode is this loop with another attention backend and schedule
 (``engine/recompute.py``: no cache, every step recomputes everything), "contiguous" (``engine/contiguous.py``: a
 static batch over a left-padded slab), "paged" (``engine/paged.py``: a paged pool, continuous batching). The
 model-free simulator behind notebook 05's timelines (``engine/simulate.py``) is this loop with a stand-in model and
-backend. ``stats()`` describes the last run
-(from the moment a request arrives at an idle engine): the waste percentage is taken at the step where the most
-blocks were in use, as reserved-but-unfilled slots over reserved slots.
+backend. ``stats()`` describes the last run, from the moment a request arrives at an idle engine.
 """
 
 from __future__ import annotations

@@ -79,8 +79,9 @@ class PagedEngine(Engine):
         super().__init__(model, scheduler, PagedAttention(self.kv_cache, self.block_manager, attention_backend))
 
     def stats(self) -> dict:
-        """The engine loop's counts, and the block pool's: blocks in use (now, at the peak, per step), the waste at
-        the peak, the prefix-cache hit rate of the last run."""
+        """The engine loop's counts, and the block pool's: blocks in use (now, at the peak, per step), the prefix-cache
+        hit rate of the last run, and the waste at the step where the most blocks were in use, as reserved-but-unfilled
+        slots over reserved slots."""
         bm = self.block_manager
         hits, queries = bm.prefix_cache_hits - self._run_base[1], bm.prefix_cache_queries - self._run_base[2]
         loop = super().stats()
