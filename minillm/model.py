@@ -22,23 +22,14 @@ Shapes: B batch, T tokens, C model dim, H query heads, Hkv KV heads, D head dim,
 from __future__ import annotations
 
 import math
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minillm.attention.backends import NoCacheAttention
+from minillm.attention.backends import AttentionBackend, NoCacheAttention
 from minillm.config import ModelConfig
-
-
-class AttentionBackend(Protocol):
-    """What the model asks of attention: given this step's queries and new keys/values, the attention output."""
-
-    def forward(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, metadata: Any) -> torch.Tensor:
-        """q (B, H, T, D), new k and v (B, Hkv, T, D) already rotated -> attention output (B, H, T, D)."""
-        ...
-
 
 EXACT_ATTENTION = NoCacheAttention("reference")  # what model(input_ids) uses: no cache, materialized scores
 

@@ -179,3 +179,9 @@ def test_llm_contiguous_on_tiny_model_equals_none(tiny_model):
     assert outs["none"] == outs["contiguous"]
     assert llm.stats()["kv_cache"] == "contiguous"
 
+    first = llm.stats()
+    llm.generate(prompts, params)  # a second run: stats describe it alone, not both
+    second = llm.stats()
+    assert second["num_steps"] == first["num_steps"] == len(second["batch_sizes"])
+    assert second["kv_reserved_tokens"] == first["kv_reserved_tokens"]
+    assert second["kv_used_tokens"] == first["kv_used_tokens"]

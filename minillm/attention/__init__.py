@@ -4,14 +4,13 @@ between the model and a KV cache (``backends.py``: no cache, contiguous, paged).
 `causal_attention` runs causal attention over given tensors with the kernel you name.
 """
 
-import torch
-
 from minillm.attention.backends import (
     KERNELS,
     ContiguousAttention,
     NoCacheAttention,
     PagedAttention,
     PagedMetadata,
+    causal_attention,
     resolve_kernel,
 )
 from minillm.attention.flash import flash_attention, flash_attention_ref
@@ -41,19 +40,3 @@ __all__ = [
     "online_softmax_step",
     "repeat_kv",
 ]
-
-
-def causal_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "reference", scale: float | None = None
-) -> torch.Tensor:
-    """Causal attention, q: (B, H, T, D), k, v: (B, Hkv, S, D) -> o: (B, H, T, D).
-
-    The mask is bottom-right aligned: query i sees keys j <= i + (S - T).
-    backend: "reference" (materialized scores, `reference.py`) or "triton" (`flash.py`; raises where Triton cannot run
-    on the tensors' device).
-    """
-    if backend == "reference":
-        return attention_ref(q, k, v, causal=True, scale=scale)
-    if backend == "triton":
-        return flash_attention(q, k, v, causal=True, scale=scale)
-    raise ValueError(f"unknown attention backend {backend!r}; choose one of {KERNELS}")

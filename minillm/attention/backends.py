@@ -48,13 +48,56 @@ def resolve_kernel(kernel: str, device: torch.device | str) -> str:
     return kernel
 
 
+def causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "reference", scale: float | None = None
+) -> torch.Tensor:
+    """Causal attention, q: (B, H, T, D), k, v: (B, Hkv, S, D) -> o: (B, H, T, D), with the kernel you name.
+
+    The mask is bottom-right aligned: query i sees keys j <= i + (S - T).
+    backend: "reference" (materialized scores, `reference.py`) or "triton" (`flash.py`; raises where Triton cannot run
+    on the tensors' device).
+    """
+    if backend == "reference":
+        return attention_ref(q, k, v, causal=True, scale=scale)
+    if backend == "triton":
+        return flash_attention(q, k, v, causal=True, scale=scale)
+    raise ValueError(f"unknown attention backend {backend!r}; choose one of {KERNELS}")
+
+
+class AttentionBackend:
+    """What the model and the engine ask of every backend.
+
+    The model calls ``forward(layer_idx, q, k, v, metadata)`` in every layer: q (B, H, T, D), new k and v
+    (B, Hkv, T, D) already rotated -> the attention output (B, H, T, D). The engine calls ``prepare(out)`` once per
+    step to get the model's inputs (``StepInputs``), reads ``keeps_kv`` (is anything stored between steps?) and
+    ``forks_share_kv`` (do parallel-sampling children share their parent's K/V?), and ``stats()`` / ``start_run()``
+    for the backend's own counts of the current run.
+    """
+
+    cache = None
+    keeps_kv = True
+    forks_share_kv = False
+
+    def prepare(self, out) -> StepInputs:
+        raise NotImplementedError
+
+    def forward(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, metadata) -> torch.Tensor:
+        raise NotImplementedError
+
+    def start_run(self) -> None:
+        """A new run starts at an idle engine: forget the last run's counts (none kept by default)."""
+
+    def stats(self) -> dict:
+        return {}
+
+
 def check_kernel(kernel: str) -> str:
     if kernel not in KERNELS:
         raise ValueError(f"unknown attention kernel {kernel!r}; choose one of {KERNELS} (or resolve 'auto' first)")
     return kernel
 
 
-class NoCacheAttention:
+class NoCacheAttention(AttentionBackend):
     """Causal attention over the tokens of this forward pass only: q (B, H, T, D), k, v (B, Hkv, T, D).
 
     As an engine's backend it keeps nothing, so every step runs each sequence's whole token list again (chapter 01's
@@ -82,16 +125,11 @@ class NoCacheAttention:
         cols = torch.tensor(lengths, device=self.device) - 1  # each row's last real token
         return StepInputs(input_ids.to(self.device), None, None, None, rows, cols)
 
-    def stats(self) -> dict:
-        return {}
-
     def forward(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, metadata=None) -> torch.Tensor:
-        if self.kernel == "triton":
-            return flash_attention(q, k, v, causal=True)
-        return attention_ref(q, k, v, causal=True)
+        return causal_attention(q, k, v, self.kernel)
 
 
-class ContiguousAttention:
+class ContiguousAttention(AttentionBackend):
     """Append the new K/V to a ``ContiguousKVCache`` and attend over every stored column (metadata: a
     ``ContiguousBatch``). The T queries are the last T of the S stored columns, so the causal mask is bottom-right
     aligned; the batch's key padding mask hides the left pads.
@@ -105,16 +143,19 @@ class ContiguousAttention:
     both.
     """
 
-    keeps_kv = True
     forks_share_kv = False  # every completion gets its own row
 
     def __init__(self, cache: ContiguousKVCache | None = None, kernel: str = "reference", config=None,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", pad_token_id: int = 0):
         self.cache, self.kernel = cache, check_kernel(kernel)
         self.config, self.dtype, self.device, self.pad_token_id = config, dtype, torch.device(device), pad_token_id
-        self.num_fallbacks = 0  # layer calls that took the reference because the batch was padded
-        self.rows: list = []  # the static batch's sequences, one per row, finished ones included
         self.batch = None  # the last step's ContiguousBatch
+        self.start_run()
+
+    def start_run(self) -> None:
+        """Counts of the current run (the previous batch has finished: nothing of it is left to count)."""
+        self.rows: list = []  # the static batch's sequences, one per row, finished ones included
+        self.num_fallbacks = 0  # layer calls that took the reference because the batch was padded
         self.rows_per_step: list[int] = []  # rows computed per step, idle rows included
         self.num_idle_row_steps = 0  # rows fed only to keep the batch rectangular
         self.reserved_tokens = 0  # cache columns reserved, summed over batches
@@ -181,9 +222,7 @@ class ContiguousAttention:
             # The flash kernel takes no padding mask: a padded batch runs the exact reference, and we count it.
             self.num_fallbacks += self.kernel == "triton"
             return attention_ref(q, k_all, v_all, causal=True, key_padding_mask=batch.key_padding_mask)
-        if self.kernel == "triton":
-            return flash_attention(q, k_all, v_all, causal=True)
-        return attention_ref(q, k_all, v_all, causal=True)
+        return causal_attention(q, k_all, v_all, self.kernel)
 
 
 @dataclass
@@ -356,7 +395,7 @@ class StepInputs:
     cols: torch.Tensor
 
 
-class PagedAttention:
+class PagedAttention(AttentionBackend):
     """Attention over a ``PagedKVCache`` (or its int8 twin) for a packed batch of prefill chunks and decodes.
 
     ``prepare`` turns the scheduler's plan into ``StepInputs`` (``prepare_batch``, reading the block tables of
@@ -426,6 +465,3 @@ class PagedAttention:
             )
             out[0, :, plan.prefill_tokens] = o_pre.transpose(0, 1)
         return out
-
-    def stats(self) -> dict:
-        return {}

@@ -89,6 +89,7 @@ class Engine:
         self.num_steps, self.batch_sizes, self.tokens_per_step, self.kv_blocks_used_history = 0, [], [], []
         self.kv_blocks_peak, self.kv_waste_pct = 0, 0.0
         self._run_base = (self.scheduler.num_preemptions, bm.prefix_cache_hits, bm.prefix_cache_queries)
+        self.attention.start_run()
 
     def _record(self, out) -> None:
         bm = self.block_manager

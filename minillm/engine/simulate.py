@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from minillm.attention.backends import StepInputs
+from minillm.attention.backends import AttentionBackend, StepInputs
 from minillm.engine.engine import Engine
 from minillm.engine.request import Sequence
 from minillm.engine.sampling import SamplingParams
@@ -58,17 +58,12 @@ def random_requests(num: int, rate: float, min_len: int, max_len: int, seed: int
     return [Request(a, p, o) for a, (p, o) in zip(arrivals, lens)]
 
 
-class StandInAttention:
+class StandInAttention(AttentionBackend):
     """An attention backend with no pool: a step's only input is which packed rows are sampled."""
-
-    cache, keeps_kv, forks_share_kv = None, True, False
 
     def prepare(self, out) -> StepInputs:
         rows = torch.tensor([i for i in range(len(out.seqs)) if out.is_last_chunk(i)], dtype=torch.long)
         return StepInputs(None, None, None, rows, torch.zeros_like(rows), torch.arange(len(rows)))
-
-    def stats(self) -> dict:
-        return {}
 
 
 def stand_in_model(input_ids, positions, attention, metadata, logits_at):
