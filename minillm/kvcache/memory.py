@@ -48,14 +48,16 @@ def dtype_bytes(dtype: torch.dtype | str) -> int:
 def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype | str = torch.float16, int8: bool = False) -> int:
     """Bytes of K and V that one token leaves in the cache: 2 x L x Hkv x D x bytes per element.
 
-    ``int8=True``: the int8 pool's D codes plus one fp16 scale per vector, whatever the compute dtype. Both read the
-    pools' own layouts (``bytes_per_block`` of a one-token block), so a pool and this count cannot disagree.
+    ``int8=True`` (chapter 06): D int8 codes plus one fp16 scale per vector, whatever the compute dtype. The paged
+    pools size their blocks with this count, so a pool and this number cannot disagree.
     """
-    from minillm.kvcache.paged import PagedKVCache
-    from minillm.kvcache.paged_int8 import Int8PagedKVCache
+    if int8:
+        from minillm.quant.kv import KV_SCALE_DTYPE
 
-    pool = Int8PagedKVCache if int8 else PagedKVCache
-    return pool.bytes_per_block(config.num_layers, 1, config.num_kv_heads, config.head_dim, as_dtype(dtype))
+        per_vector = config.head_dim + KV_SCALE_DTYPE.itemsize
+    else:
+        per_vector = config.head_dim * dtype_bytes(dtype)
+    return 2 * config.num_layers * config.num_kv_heads * per_vector
 
 
 def weight_bytes(config: ModelConfig, dtype: torch.dtype | str = torch.float16) -> int:

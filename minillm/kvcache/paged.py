@@ -9,9 +9,12 @@ step into decodes and prefill chunks, picking kernels -- is ``minillm.attention.
 Explained in notebooks/04_paged_attention.ipynb; the engine (notebook 05) builds the batches.
 """
 
+from types import SimpleNamespace
+
 import torch
 
 from minillm.kvcache.blocks import check_block_size
+from minillm.kvcache.memory import kv_bytes_per_token
 from minillm.kvcache.store import store_kv, store_kv_ref
 
 
@@ -38,8 +41,10 @@ class PagedKVCache:
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
-        """K and V of one block in every layer: 2 * L * BS * Hkv * D * bytes per element."""
-        return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+        """K and V of one block in every layer: BS tokens of ``kvcache.memory.kv_bytes_per_token`` (2 * L * Hkv * D *
+        bytes per element)."""
+        shape = SimpleNamespace(num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim)
+        return block_size * kv_bytes_per_token(shape, dtype)
 
     @classmethod
     def num_blocks_for_memory(

@@ -18,8 +18,11 @@ that is the next step, not a different idea. ``LLM(kv_cache_dtype="int8")`` buil
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 
+from minillm.kvcache.memory import kv_bytes_per_token
 from minillm.kvcache.paged import PagedKVCache
 from minillm.quant.kv import KV_SCALE_DTYPE, dequantize_kv, quantize_kv
 
@@ -51,9 +54,11 @@ class Int8PagedKVCache(PagedKVCache):
     def bytes_per_block(
         num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype | None = None
     ) -> int:
-        """K and V of one block in every layer: 2 * L * BS * Hkv * (D + 2) bytes (codes + fp16 scale); `dtype`
-        (the compute dtype) does not change it and is accepted only to match ``PagedKVCache.bytes_per_block``."""
-        return 2 * num_layers * block_size * num_kv_heads * (head_dim + KV_SCALE_DTYPE.itemsize)
+        """K and V of one block in every layer: 2 * L * BS * Hkv * (D + 2) bytes (codes + fp16 scale), from
+        ``kvcache.memory.kv_bytes_per_token(..., int8=True)``; `dtype` (the compute dtype) does not change it and is
+        accepted only to match ``PagedKVCache.bytes_per_block``."""
+        shape = SimpleNamespace(num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim)
+        return block_size * kv_bytes_per_token(shape, int8=True)
 
     def store(
         self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor, use_triton: bool = False
