@@ -26,6 +26,17 @@ def test_num_blocks_must_be_positive():
         BlockManager(0, 4)
 
 
+def test_commit_cannot_go_back_into_a_written_full_block_nor_past_the_slots():
+    bm = BlockManager(8, 4)
+    bm.allocate_prompt(0, list(range(6)))
+    run(bm, 0, list(range(6)), 6)  # block 0 is full and written: its hash is in the chain
+    with pytest.raises(ValueError, match=r"must lie in \[4 "):
+        bm.commit(0, list(range(6)), 3)
+    bm.commit(0, list(range(6)), 5)  # inside the partly written last block: the sequence owns that count
+    with pytest.raises(ValueError, match="slots=8"):
+        bm.commit(0, list(range(10)), 9)
+
+
 def test_slot_mapping_and_growth():
     bm = BlockManager(8, 4)
     assert bm.allocate_prompt(0, list(range(6))) == 0
@@ -135,6 +146,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
         self.bm = BlockManager(num_blocks=12, block_size=4)
         self.pool = {}  # slot -> tuple of the tokens whose K/V the slot holds (the K/V of token p depends on [:p+1])
         self.tokens = {}  # seq id -> all its tokens (prompt + generated)
+        self.computed = {}  # seq id -> tokens whose K/V is written (the sequence's count, as Sequence keeps it)
         self.freed = []
         self.next_id = 0
 
@@ -145,13 +157,13 @@ class BlockManagerMachine(RuleBasedStateMachine):
         seq_id, self.next_id = self.next_id, self.next_id + 1
         cached = self.bm.allocate_prompt(seq_id, prompt)
         assert cached % 4 == 0 and 0 <= cached < len(prompt)
-        self.tokens[seq_id] = prompt
+        self.tokens[seq_id], self.computed[seq_id] = prompt, cached
 
     @precondition(lambda self: self.tokens)
     @rule(data=st.data(), chunk=st.integers(1, 6))
     def run_step(self, data, chunk):
         seq_id = data.draw(st.sampled_from(sorted(self.tokens)))
-        tokens, done = self.tokens[seq_id], self.bm.num_computed[seq_id]
+        tokens, done = self.tokens[seq_id], self.computed[seq_id]
         if done == len(tokens):
             tokens.append(data.draw(st.integers(0, 2)))  # decode: sample one new token
         target = min(len(tokens), done + chunk)
@@ -172,6 +184,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
             assert self.bm.ref_counts[slot // bs] == 1, "writing into a shared block: copy-on-write missed"
             self.pool[slot] = tuple(tokens[: p + 1])
         self.bm.commit(seq_id, tokens, target)
+        self.computed[seq_id] = target
 
     @precondition(lambda self: self.tokens)
     @rule(data=st.data())
@@ -179,14 +192,14 @@ class BlockManagerMachine(RuleBasedStateMachine):
         parent = data.draw(st.sampled_from(sorted(self.tokens)))
         child, self.next_id = self.next_id, self.next_id + 1
         self.bm.fork(parent, child)
-        self.tokens[child] = list(self.tokens[parent])
+        self.tokens[child], self.computed[child] = list(self.tokens[parent]), self.computed[parent]
 
     @precondition(lambda self: self.tokens)
     @rule(data=st.data())
     def free(self, data):
         seq_id = data.draw(st.sampled_from(sorted(self.tokens)))
         self.bm.free(seq_id)
-        del self.tokens[seq_id]
+        del self.tokens[seq_id], self.computed[seq_id]
         self.freed.append(seq_id)
 
     @precondition(lambda self: self.freed)
@@ -210,10 +223,15 @@ class BlockManagerMachine(RuleBasedStateMachine):
         assert self.bm.num_free_blocks == counts.count(0)
 
     @invariant()
+    def hash_chain_covers_exactly_the_written_full_blocks(self):
+        for seq_id, done in self.computed.items():  # the manager's only notion of progress, kept by the sequence
+            assert len(self.bm.seq_hashes[seq_id]) == done // self.bm.block_size
+
+    @invariant()
     def cached_kv_is_the_right_content(self):
         bs = self.bm.block_size
         for seq_id, tokens in self.tokens.items():
-            done = self.bm.num_computed[seq_id]
+            done = self.computed[seq_id]
             for p, slot in zip(range(done), self.bm.slot_mapping(seq_id, 0, done)):
                 assert self.pool.get(slot) == tuple(tokens[: p + 1]), f"seq {seq_id} position {p} has wrong K/V"
         for h, b in self.bm.hash_to_block.items():  # a cached block holds the prefix its tokens claim

@@ -13,6 +13,7 @@ from minillm.kvcache.memory import (
     format_bytes,
     kv_bytes_per_token,
     paged_reservation,
+    waste_fraction,
     weight_bytes,
 )
 
@@ -48,6 +49,12 @@ def test_reservation_waste():
         contiguous_reservation([600], max_len=500, config=cfg)
     with pytest.raises(ValueError, match="lengths must be"):
         paged_reservation([], block_size=16, config=cfg)
+
+
+def test_waste_fraction_is_the_one_definition():
+    assert waste_fraction(0, 0) == 0.0 and waste_fraction(8, 8) == 0.0 and waste_fraction(8, 2) == 0.75
+    with pytest.raises(ValueError, match="used tokens must lie in"):
+        waste_fraction(4, 5)
 
 
 def test_bad_dtype_and_formatting():

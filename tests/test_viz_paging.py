@@ -84,12 +84,25 @@ def test_stepper_allocates_shares_copies_on_write_and_frees():
     assert st.history[0].block_manager.num_used_blocks == 0  # snapshots are copies, not the live manager
 
 
+def test_stepper_runs_the_engine_loop_and_preempts_when_the_pool_runs_out():
+    script = [StepperRequest(name, [i] * 6, max_new_tokens=6, arrival=0) for i, name in enumerate("ABC")]
+    st = PagingStepper(script, num_blocks=7, block_size=4).run()  # 3 x 3 blocks at full length: 7 do not fit
+    events = [e for snap in st.history for e in snap.events]
+    assert any("preempted" in e for e in events) and any("back after preemption" in e for e in events)
+    assert st.engine.stats()["num_preemptions"] >= 1
+    assert all(seq.is_finished and len(seq.output_token_ids) == 6 for seq in st.seqs.values())  # nothing lost
+    assert st.is_done and st.bm.num_free_blocks == st.bm.num_blocks
+    for snap in st.history:  # every drawn sequence has its count, from the Sequence that owns it
+        assert set(snap.num_tokens) == set(snap.block_manager.tables)
+
+
 def test_stepper_figures_and_widget_build():
     st = PagingStepper(scripted(), num_blocks=16, block_size=4).run()
     fig = st.snapshots([1, 3, 5])
     assert len(fig.axes) == 3
     plt.close(fig)
-    ax = draw_blocks(st.history[3].block_manager, st.history[3].names)
+    snap = st.history[3]
+    ax = draw_blocks(snap.block_manager, snap.num_tokens, snap.names)
     assert ax.patches
     plt.close(ax.figure)
     pytest.importorskip("ipywidgets")

@@ -29,6 +29,7 @@ from minillm.attention.paged import paged_decode_attention, paged_decode_attenti
 from minillm.attention.reference import attention_ref
 from minillm.attention.varlen import flash_attention_varlen, flash_attention_varlen_ref
 from minillm.kvcache.contiguous import ContiguousKVCache, left_pad
+from minillm.kvcache.memory import waste_fraction
 
 KERNELS = ("reference", "triton")
 
@@ -210,7 +211,7 @@ class ContiguousAttention(AttentionBackend):
             "num_idle_row_steps": self.num_idle_row_steps,
             "kv_reserved_tokens": self.reserved_tokens,
             "kv_used_tokens": used,
-            "kv_waste": 1.0 - used / self.reserved_tokens if self.reserved_tokens else 0.0,
+            "kv_waste": waste_fraction(self.reserved_tokens, used),
             "kv_reserved_bytes": self.cache.nbytes if self.cache is not None else 0,
             "attention_fallbacks": self.num_fallbacks,
         }

@@ -24,6 +24,7 @@ import torch
 
 from minillm.engine.request import Sequence, sample_and_append
 from minillm.engine.scheduler import Scheduler, SchedulerOutput
+from minillm.kvcache.memory import waste_fraction
 
 
 class Engine:
@@ -107,7 +108,8 @@ class Engine:
                     empty = len(table) * bm.block_size - seq.num_computed_tokens
                     unfilled[table[-1]] = min(empty, unfilled.get(table[-1], empty))
             self.kv_blocks_peak = used
-            self.kv_waste_pct = 100.0 * sum(unfilled.values()) / (used * bm.block_size)
+            reserved = used * bm.block_size
+            self.kv_waste_pct = 100.0 * waste_fraction(reserved, reserved - sum(unfilled.values()))
 
     def stats(self) -> dict:
         """Steps, batch sizes and preemptions of the last run, and the attention backend's own counts."""

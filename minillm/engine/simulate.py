@@ -59,7 +59,13 @@ def random_requests(num: int, rate: float, min_len: int, max_len: int, seed: int
 
 
 class StandInAttention(AttentionBackend):
-    """An attention backend with no pool: a step's only input is which packed rows are sampled."""
+    """An attention backend with no pool: a step's only input is which packed rows are sampled.
+
+    ``forks_share_kv=True`` stands in for the paged backend's parallel sampling (children share the parent's blocks).
+    """
+
+    def __init__(self, forks_share_kv: bool = False):
+        self.forks_share_kv = forks_share_kv
 
     def prepare(self, out) -> StepInputs:
         rows = torch.tensor([i for i in range(len(out.seqs)) if out.is_last_chunk(i)], dtype=torch.long)

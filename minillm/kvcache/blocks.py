@@ -10,9 +10,10 @@ hash so a hash names a whole prefix. Freed cached blocks stay findable until a f
 recently freed one is evicted. Explained in notebooks/04_paged_attention.ipynb.
 
 Conventions. A sequence's tokens live at positions 0, 1, ...; position p sits in block ``block_table[p // BS]`` at
-offset ``p % BS``, i.e. in slot ``block_table[p // BS] * BS + p % BS`` of the flat pool. ``num_computed`` is the
-number of leading tokens whose K/V is written; the manager learns it from ``allocate_prompt`` and ``commit``, and uses
-it to know which blocks the next write touches (those are the ones copy-on-write must un-share).
+offset ``p % BS``, i.e. in slot ``block_table[p // BS] * BS + p % BS`` of the flat pool. How many tokens' K/V is
+written belongs to the sequence (``Sequence.num_computed_tokens``), which passes it to ``commit``; the manager keeps
+only block-level facts: the hash chain of each sequence's *full, written* blocks. Its length says where the next write
+starts (block ``len(chain)``), so it knows which blocks that write touches (the ones copy-on-write must un-share).
 """
 
 from collections import OrderedDict, deque
@@ -49,8 +50,7 @@ class BlockManager:
         self.evictable: OrderedDict[int, None] = OrderedDict()  # ref 0 but cached, least recently freed first
         self.hash_to_block: dict[int, int] = {}
         self.tables: dict[int, list[int]] = {}
-        self.seq_hashes: dict[int, list[int]] = {}  # hash chain of each sequence's full blocks
-        self.num_computed: dict[int, int] = {}
+        self.seq_hashes: dict[int, list[int]] = {}  # hash chain of each sequence's full blocks whose K/V is written
         self.prefix_cache_hits = 0
         self.prefix_cache_queries = 0
 
@@ -93,9 +93,12 @@ class BlockManager:
         return self.tables[seq_id]
 
     def _shared_in_write_range(self, seq_id: int, num_tokens: int) -> list[int]:
-        """Indices into the table of shared blocks that positions [num_computed, num_tokens) would write."""
+        """Indices into the table of shared blocks the next write, up to position num_tokens, would touch.
+
+        A full written block is never written again, so the write starts in the first block past the hash chain.
+        """
         table = self.tables[seq_id]
-        first, last = self.num_computed[seq_id] // self.block_size, min(self._blocks_for(num_tokens), len(table))
+        first, last = len(self.seq_hashes[seq_id]), min(self._blocks_for(num_tokens), len(table))
         return [i for i in range(first, last) if self.ref_counts[table[i]] > 1]
 
     def num_blocks_needed(self, seq_id: int, num_tokens: int) -> int:
@@ -151,7 +154,7 @@ class BlockManager:
                 hashes.append(h)
                 parent = h
         num_cached = len(table) * bs
-        self.tables[seq_id], self.seq_hashes[seq_id], self.num_computed[seq_id] = table, hashes, num_cached
+        self.tables[seq_id], self.seq_hashes[seq_id] = table, hashes
         self.prefix_cache_queries += len(token_ids)
         self.prefix_cache_hits += num_cached
         return num_cached
@@ -161,7 +164,7 @@ class BlockManager:
         the prefix-cache statistics (it will be looked up again when it is)."""
         self._check_seq(seq_id)
         self.prefix_cache_queries -= num_prompt_tokens
-        self.prefix_cache_hits -= self.num_computed[seq_id]  # right after allocate_prompt: its cached tokens
+        self.prefix_cache_hits -= len(self.seq_hashes[seq_id]) * self.block_size  # just allocated: chain = its hits
         self.free(seq_id)
 
     def ensure_capacity(self, seq_id: int, num_tokens: int) -> list[tuple[int, int]]:
@@ -190,15 +193,18 @@ class BlockManager:
         return copies
 
     def commit(self, seq_id: int, token_ids: list[int], num_computed: int) -> None:
-        """Record that the K/V of ``token_ids[:num_computed]`` is written; newly full blocks enter the prefix cache."""
-        table = self._check_seq(seq_id)
-        if not self.num_computed[seq_id] <= num_computed <= min(len(token_ids), len(table) * self.block_size):
+        """Record that the K/V of ``token_ids[:num_computed]`` is written; newly full blocks enter the prefix cache.
+
+        ``num_computed`` is the sequence's own count (``Sequence.num_computed_tokens``): counts only grow, so it cannot
+        fall back into a block already written and hashed.
+        """
+        table, hashes, bs = self._check_seq(seq_id), self.seq_hashes[seq_id], self.block_size
+        if not len(hashes) * bs <= num_computed <= min(len(token_ids), len(table) * bs):
             raise ValueError(
                 f"commit of sequence {seq_id}: num_computed={num_computed} must lie in "
-                f"[{self.num_computed[seq_id]}, min(len(token_ids)={len(token_ids)}, slots={len(table) * self.block_size})]"
+                f"[{len(hashes) * bs} (its written full blocks), min(len(token_ids)={len(token_ids)}, "
+                f"slots={len(table) * bs})]"
             )
-        self.num_computed[seq_id] = num_computed
-        hashes, bs = self.seq_hashes[seq_id], self.block_size
         for i in range(len(hashes), num_computed // bs):
             tokens = tuple(token_ids[i * bs : (i + 1) * bs])
             h = hash((hashes[-1] if hashes else None, tokens))
@@ -218,7 +224,6 @@ class BlockManager:
             self.ref_counts[block_id] += 1
         self.tables[child_id] = list(table)
         self.seq_hashes[child_id] = list(self.seq_hashes[parent_id])
-        self.num_computed[child_id] = self.num_computed[parent_id]
 
     def free(self, seq_id: int) -> None:
         """Drop ``seq_id``'s references; blocks nobody holds become free (cached ones stay findable until evicted)."""
@@ -232,7 +237,7 @@ class BlockManager:
                     self.free_block_ids.append(block_id)
                 else:
                     self.evictable[block_id] = None
-        del self.tables[seq_id], self.seq_hashes[seq_id], self.num_computed[seq_id]
+        del self.tables[seq_id], self.seq_hashes[seq_id]
 
     # ---- addressing --------------------------------------------------------------------------------------------
     def block_table(self, seq_id: int) -> list[int]:

@@ -81,6 +81,17 @@ def contiguous_reservation_bytes(
     return batch_size * max_len * kv_bytes_per_token(config, dtype)
 
 
+def waste_fraction(reserved_tokens: int, used_tokens: int) -> float:
+    """Fraction of reserved KV slots that never hold a token (0.0 for an empty reservation).
+
+    The one definition behind every waste figure in chapters 03-05: the calculator here, the memory maps, a contiguous
+    engine's stats and a paged engine's peak.
+    """
+    if not 0 <= used_tokens <= reserved_tokens:
+        raise ValueError(f"used tokens must lie in [0, reserved={reserved_tokens}], got {used_tokens}")
+    return 1.0 - used_tokens / reserved_tokens if reserved_tokens else 0.0
+
+
 @dataclass
 class Reservation:
     """Tokens a cache reserved for a set of requests, how many of them hold real K/V, and the bytes of both."""
@@ -100,7 +111,7 @@ class Reservation:
     @property
     def waste(self) -> float:
         """Fraction of the reservation that never holds a token."""
-        return 1.0 - self.used_tokens / self.reserved_tokens if self.reserved_tokens else 0.0
+        return waste_fraction(self.reserved_tokens, self.used_tokens)
 
 
 def _check_lengths(lengths: list[int]) -> None:

@@ -18,7 +18,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from minillm.engine.engine import Engine
+from minillm.engine.request import Sequence
+from minillm.engine.sampling import SamplingParams
+from minillm.engine.scheduler import Scheduler
+from minillm.engine.simulate import StandInAttention, stand_in_model
 from minillm.kvcache.blocks import BlockManager
+from minillm.kvcache.memory import waste_fraction
 
 FREE, RESERVED = 0, 1  # memory-map codes; request i is drawn with code i + 2
 
@@ -65,12 +71,11 @@ class MemoryLayout:
     @property
     def contiguous_waste(self) -> float:
         """Reserved-but-unfilled slots over reserved slots."""
-        return float((self.contiguous == RESERVED).mean())
+        return waste_fraction(self.contiguous.size, int((self.contiguous > RESERVED).sum()))
 
     @property
     def paged_waste(self) -> float:
-        reserved = int((self.paged != FREE).sum())
-        return float((self.paged == RESERVED).sum()) / reserved if reserved else 0.0
+        return waste_fraction(int((self.paged != FREE).sum()), int((self.paged > RESERVED).sum()))
 
     @property
     def num_blocks_used(self) -> int:
@@ -132,11 +137,15 @@ def draw_memory_maps(layout: MemoryLayout, fig=None):
 
 
 # ---- block tables and the pool -------------------------------------------------------------------------------------
-def block_fill(bm: BlockManager) -> dict[int, int]:
-    """Tokens held by each block some sequence (or the prefix cache) holds, from the sequences' computed counts."""
+def block_fill(bm: BlockManager, num_tokens: dict[int, int]) -> dict[int, int]:
+    """Tokens held by each block some sequence (or the prefix cache) holds.
+
+    ``num_tokens``: seq_id -> tokens whose K/V is written. The sequences own that count
+    (``Sequence.num_computed_tokens``); the block manager only knows which blocks each one holds.
+    """
     fill = {}
     for seq_id, table in bm.tables.items():
-        n = bm.num_computed[seq_id]
+        n = num_tokens[seq_id]
         for j, block in enumerate(table):
             fill[block] = max(fill.get(block, 0), min(bm.block_size, max(0, n - j * bm.block_size)))
     for block in bm.evictable:
@@ -144,12 +153,14 @@ def block_fill(bm: BlockManager) -> dict[int, int]:
     return fill
 
 
-def draw_blocks(bm: BlockManager, names: dict[int, str] | None = None, ax=None, title: str = "", cols: int = 8):
+def draw_blocks(bm: BlockManager, num_tokens: dict[int, int], names: dict[int, str] | None = None, ax=None,
+                title: str = "", cols: int = 8):
     """Block tables (top) and the physical pool (bottom) of ``bm`` in one axes; returns the axes.
 
-    Pool: each block is split into its BS slots, filled slots in the owner's color (the first table listing it),
-    reserved-but-empty slots light gray; hatched blocks are shared (their reference count is printed); dashed ones
-    are free but still cached (findable by their hash until evicted); plain white ones are free.
+    ``num_tokens``: seq_id -> tokens whose K/V is written, for every sequence ``bm`` holds. Pool: each block is split
+    into its BS slots, filled slots in the owner's color (the first table listing it), reserved-but-empty slots light
+    gray; hatched blocks are shared (their reference count is printed); dashed ones are free but still cached
+    (findable by their hash until evicted); plain white ones are free.
     """
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
@@ -165,7 +176,7 @@ def draw_blocks(bm: BlockManager, names: dict[int, str] | None = None, ax=None, 
     for s in seq_ids:
         for block in bm.tables[s]:
             owner.setdefault(block, s)
-    fill, bs = block_fill(bm), bm.block_size
+    fill, bs = block_fill(bm, num_tokens), bm.block_size
     w, gap = 1.0, 0.18
     rows = -(-bm.num_blocks // cols)
     for block in range(bm.num_blocks):
@@ -206,7 +217,7 @@ def draw_blocks(bm: BlockManager, names: dict[int, str] | None = None, ax=None, 
 # ---- the stepper ---------------------------------------------------------------------------------------------------
 @dataclass
 class StepperRequest:
-    """A scripted request: its prompt arrives at step ``arrival``, then it gains one token per step.
+    """A scripted request: its prompt arrives before step ``arrival + 1``; it stops after ``max_new_tokens`` tokens.
 
     ``n > 1`` forks the prompt into n sequences (parallel sampling) that share its blocks until they write.
     """
@@ -223,76 +234,96 @@ class Snapshot:
     step: int
     block_manager: BlockManager
     names: dict[int, str]
+    num_tokens: dict[int, int] = field(default_factory=dict)  # seq_id -> tokens whose K/V is written
     events: list[str] = field(default_factory=list)
 
 
 class PagingStepper:
-    """Runs scripted requests through a real BlockManager, one token per running sequence per step.
+    """Runs scripted requests through the real engine loop (``Engine``: scheduler, block manager, commit, free).
 
-    A step: arriving prompts are allocated (prefix hits reuse cached blocks) and prefilled in one go, parallel
-    samples are forked from them; every other running sequence appends one token (``ensure_capacity``, which may
-    copy-on-write, then ``commit``); sequences that reached ``max_new_tokens`` are freed. Each step's block manager
-    is kept as a snapshot, so any step can be drawn again (``draw``, ``snapshots``, ``widget``).
+    The model and the attention backend are stand-ins that hold no tensors and "sample" token 0, so a step is pure
+    bookkeeping: arriving prompts are admitted (prefix hits reuse cached blocks) and prefilled, parallel samples are
+    forked from them once their prompt is written, every other running sequence appends one token (a new block when
+    it crosses a block boundary, copy-on-write when it writes into a shared block), finished sequences are freed, and
+    when a decode finds no free block the newest sequence is preempted. After each step the block manager is kept as a
+    snapshot, with the events read off the step, so any step can be drawn again (``draw``, ``snapshots``, ``widget``).
     """
 
     def __init__(self, requests: list[StepperRequest], num_blocks: int = 24, block_size: int = 4,
-                 enable_prefix_caching: bool = True):
+                 enable_prefix_caching: bool = True, max_num_seqs: int = 16, max_num_batched_tokens: int = 256):
         self.requests = list(requests)
         self.bm = BlockManager(num_blocks, block_size, enable_prefix_caching)
-        self.tokens: dict[int, list[int]] = {}
-        self.generated: dict[int, int] = {}
-        self.limit: dict[int, int] = {}
+        scheduler = Scheduler(self.bm, max_num_seqs, max_num_batched_tokens)
+        self.engine = Engine(self._stand_in_model, scheduler, StandInAttention(forks_share_kv=True))
+        self.seqs: dict[int, Sequence] = {}
         self.names: dict[int, str] = {}
         self.step_index = 0
-        self.history = [Snapshot(0, copy.deepcopy(self.bm), {}, ["empty pool"])]
-        self._next_id = 0
+        self.history = [Snapshot(0, copy.deepcopy(self.bm), {}, {}, ["empty pool"])]
+        self._tables_in_step: dict[int, list[int]] = {}
 
     @property
     def is_done(self) -> bool:
-        return not self.bm.tables and all(r.arrival < self.step_index for r in self.requests)
+        return not self.engine.has_unfinished() and all(r.arrival < self.step_index for r in self.requests)
 
-    def _new_seq(self, name: str) -> int:
-        seq_id, self._next_id = self._next_id, self._next_id + 1
-        self.names[seq_id] = name
-        return seq_id
+    def _stand_in_model(self, input_ids, positions, attention, metadata, logits_at):
+        """While the model "runs", the step's blocks are allocated and none is freed yet: look at the tables here."""
+        self._tables_in_step = {seq_id: list(table) for seq_id, table in self.bm.tables.items()}
+        return stand_in_model(input_ids, positions, attention, metadata, logits_at)
+
+    def _add(self, req: StepperRequest) -> None:
+        params = SamplingParams(max_tokens=req.max_new_tokens, ignore_eos=True, n=req.n, temperature=float(req.n > 1))
+        first = None
+        for i in range(req.n):
+            seq_id = len(self.seqs)
+            seq = Sequence(seq_id, req.name, list(req.prompt), params, eos_token_ids=[], max_model_len=10**9)
+            self.engine.add(seq, parent=first)
+            self.seqs[seq_id], self.names[seq_id] = seq, req.name if req.n == 1 else f"{req.name}{i + 1}"
+            first = first or seq
 
     def step(self) -> list[str]:
         """Advance one step; returns what happened (also stored in ``history[-1].events``)."""
         self.step_index += 1
-        bm = self.bm
-        events = [f"+1 token each: {', '.join(self.names[s] for s in bm.tables)}"] if bm.tables else []
-        for seq_id in list(bm.tables):  # decode: one token each
-            name, tokens = self.names[seq_id], self.tokens[seq_id]
-            tokens.append(1000 + 100 * seq_id + len(tokens))  # distinct per sequence: no accidental sharing
-            before = len(bm.tables[seq_id])
-            for src, dst in bm.ensure_capacity(seq_id, len(tokens)):
-                events.append(f"{name}: copy-on-write, block {src} (shared) copied to {dst} before writing")
-            if len(bm.tables[seq_id]) > before:
-                events.append(f"{name}: block {bm.tables[seq_id][-1]} allocated for token {len(tokens) - 1}")
-            bm.commit(seq_id, tokens, len(tokens))
-            self.generated[seq_id] += 1
-        for seq_id in list(bm.tables):
-            if self.generated[seq_id] >= self.limit[seq_id]:
-                table = bm.block_table(seq_id)
-                bm.free(seq_id)
-                events.append(f"{self.names[seq_id]}: finished, released blocks {table}")
         for req in self.requests:
-            if req.arrival != self.step_index - 1:
-                continue
-            seq_id = self._new_seq(req.name if req.n == 1 else f"{req.name}1")
-            hit = bm.allocate_prompt(seq_id, req.prompt)
-            bm.ensure_capacity(seq_id, len(req.prompt))
-            bm.commit(seq_id, req.prompt, len(req.prompt))
-            self.tokens[seq_id], self.generated[seq_id], self.limit[seq_id] = list(req.prompt), 0, req.max_new_tokens
-            shared = f", {hit} tokens ({hit // bm.block_size} blocks) found in the prefix cache" if hit else ""
-            events.append(f"{self.names[seq_id]}: prompt of {len(req.prompt)} tokens -> blocks "
-                          f"{bm.block_table(seq_id)}{shared}")
-            for i in range(1, req.n):
-                child = self._new_seq(f"{req.name}{i + 1}")
-                bm.fork(seq_id, child)
-                self.tokens[child], self.generated[child], self.limit[child] = list(req.prompt), 0, req.max_new_tokens
-                events.append(f"{self.names[child]}: forked from {self.names[seq_id]}, shares all its blocks")
-        self.history.append(Snapshot(self.step_index, copy.deepcopy(bm), dict(self.names), events or ["(nothing)"]))
+            if req.arrival == self.step_index - 1:
+                self._add(req)
+        before = self.history[-1].block_manager.tables
+        sampled = self.engine.step()
+        events = self._events(before, self.engine.last_step, sampled)
+        computed = {seq_id: self.seqs[seq_id].num_computed_tokens for seq_id in self.bm.tables}
+        self.history.append(Snapshot(self.step_index, copy.deepcopy(self.bm), dict(self.names), computed,
+                                     events or ["(nothing)"]))
+        return events
+
+    def _events(self, before: dict[int, list[int]], out, sampled: list[Sequence]) -> list[str]:
+        """What the step did, read off its plan (``out``), the tables while it ran, and who sampled."""
+        bs, during, name = self.bm.block_size, self._tables_in_step, self.names
+        decodes = [seq for seq, n in zip(out.seqs, out.num_new_tokens) if n == 1 and seq.seq_id in before]
+        events = [f"+1 token each: {', '.join(name[s.seq_id] for s in decodes)}"] if decodes else []
+        for seq in out.preempted:
+            events.append(f"{name[seq.seq_id]}: preempted, blocks {before[seq.seq_id]} freed; it will be recomputed")
+        owner_of = {block: seq_id for seq_id, table in during.items() for block in table}
+        for src, dst in out.copies:
+            events.append(f"{name[owner_of[dst]]}: copy-on-write, block {src} (shared) copied to {dst} before writing")
+        for seq, n in zip(out.seqs, out.num_new_tokens):
+            start, table = seq.num_computed_tokens - n, during[seq.seq_id]
+            if seq.seq_id not in before:
+                what = (f"back after preemption, {start + n} tokens" if seq.num_preemptions
+                        else f"prompt of {len(seq.prompt_token_ids)} tokens")
+                blocks = f"{start // bs} block{'s' if start // bs > 1 else ''}"
+                hit = f", {start} tokens ({blocks}) found in the prefix cache" if start else ""
+                events.append(f"{name[seq.seq_id]}: {what} -> blocks {table}{hit}")
+            elif len(table) > len(before[seq.seq_id]):
+                events.append(f"{name[seq.seq_id]}: block {table[-1]} allocated for token {start + n - 1}")
+        stepped = {seq.seq_id for seq in out.seqs}
+        for child in sampled:
+            if child.seq_id not in stepped:
+                parent = next(s for s in out.seqs if s.request_id == child.request_id)
+                events.append(f"{name[child.seq_id]}: forked from {name[parent.seq_id]}, shares all its blocks")
+        for seq in sampled:
+            if seq.is_finished:
+                parent = next(s for s in out.seqs if s.request_id == seq.request_id)
+                table = during.get(seq.seq_id, during[parent.seq_id])  # a child forked this step holds its parent's
+                events.append(f"{name[seq.seq_id]}: finished, released blocks {table}")
         return events
 
     def run(self, max_steps: int = 1000) -> "PagingStepper":
@@ -304,7 +335,8 @@ class PagingStepper:
     def draw(self, step: int | None = None, ax=None, cols: int = 8, events: bool = True):
         """Draw the pool and block tables after ``step`` (default: the latest), with that step's events below."""
         snap = self.history[-1 if step is None else step]
-        ax = draw_blocks(snap.block_manager, snap.names, ax=ax, cols=cols, title=f"after step {snap.step}")
+        ax = draw_blocks(snap.block_manager, snap.num_tokens, snap.names, ax=ax, cols=cols,
+                         title=f"after step {snap.step}")
         if events:
             ax.text(-1.6, ax.get_ylim()[0] - 0.1, "\n".join(snap.events), fontsize=7, va="top", family="monospace")
         return ax
