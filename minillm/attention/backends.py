@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from minillm._triton import triton_available
+from minillm._triton import record_fallback, triton_available
+from minillm.attention import flash
 from minillm.attention.flash import flash_attention
 from minillm.attention.paged import paged_decode_attention, paged_decode_attention_ref
 from minillm.attention.reference import attention_ref
@@ -34,18 +35,40 @@ from minillm.kvcache.memory import waste_fraction
 KERNELS = ("reference", "triton")
 
 
-def resolve_kernel(kernel: str, device: torch.device | str) -> str:
-    """"auto" -> Triton where it runs compiled (a CUDA GPU), else the torch reference; an explicit choice is checked."""
+def why_not_triton(device: torch.device | str, head_dim: int | None = None, dtype: torch.dtype | None = None) -> str | None:
+    """Why the Triton attention kernels cannot run here (None: they can). head_dim and dtype: the model's."""
     device = torch.device(device)
+    if not triton_available(device):
+        return (f"Triton cannot run on {device} (it needs a CUDA GPU, or TRITON_INTERPRET=1 set before minillm is "
+                "imported for its CPU interpreter)")
+    if head_dim is not None and head_dim not in flash.HEAD_DIMS:
+        return f"head_dim {head_dim} is not one the flash kernel supports {flash.HEAD_DIMS}"
+    if dtype is not None and dtype not in flash.DTYPES:
+        return f"{dtype} is not one the kernels support {flash.DTYPES}"
+    return None
+
+
+def resolve_kernel(
+    kernel: str, device: torch.device | str, head_dim: int | None = None, dtype: torch.dtype | None = None
+) -> str:
+    """"auto" -> Triton where it runs compiled (a CUDA GPU), else the torch reference; an explicit choice is checked.
+
+    On a GPU "auto" expects Triton: when it cannot run there (Triton missing, a head dim or dtype the kernels lack),
+    the reference is a fallback, counted (``minillm._triton.record_fallback``) so ``LLM.stats()`` and ``doctor()``
+    show it. On a CPU the reference is the plan, not a fallback: the interpreter is far too slow for a model.
+    """
+    device = torch.device(device)
+    reason = why_not_triton(device, head_dim, dtype)
     if kernel == "auto":
-        return "triton" if device.type == "cuda" and triton_available(device) else "reference"
+        if device.type != "cuda":
+            return "reference"
+        if reason:
+            record_fallback("attention_backend='auto'", reason)
+        return "reference" if reason else "triton"
     if kernel not in KERNELS:
         raise ValueError(f"unknown attention backend {kernel!r}; choose 'auto' or one of {KERNELS}")
-    if kernel == "triton" and not triton_available(device):
-        raise ValueError(
-            f"attention_backend='triton' cannot run on {device}: Triton needs a CUDA GPU, or TRITON_INTERPRET=1 set "
-            "before minillm is imported to run the kernels in its CPU interpreter; use 'reference' or 'auto'"
-        )
+    if kernel == "triton" and reason:
+        raise ValueError(f"attention_backend='triton' cannot run: {reason}; use 'reference' or 'auto'")
     return kernel
 
 
@@ -221,7 +244,9 @@ class ContiguousAttention(AttentionBackend):
         k_all, v_all = self.cache.append(layer_idx, k, v, batch.start)  # (B, Hkv, S, D)
         if batch.key_padding_mask is not None:
             # The flash kernel takes no padding mask: a padded batch runs the exact reference, and we count it.
-            self.num_fallbacks += self.kernel == "triton"
+            if self.kernel == "triton":
+                self.num_fallbacks += 1
+                record_fallback("contiguous attention", "padded batch (the flash kernel takes no padding mask)")
             return attention_ref(q, k_all, v_all, causal=True, key_padding_mask=batch.key_padding_mask)
         return causal_attention(q, k_all, v_all, self.kernel)
 

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from minillm._triton import fallback_counts
 from minillm.attention.backends import KERNELS, resolve_kernel
 from minillm.engine.recompute import RecomputeEngine
 from minillm.engine.request import Detokenizer, RequestOutput, Sequence
@@ -98,9 +99,11 @@ class LLM:
             from minillm.quant import quantize_model
 
             quantize_model(self.model, quantization, tokenizer=self.tokenizer)  # AWQ tokenizes its calibration text
+        # Kernels that fall back to torch on a GPU are counted process-wide; stats() shows those since this point.
+        self._fallbacks_base = fallback_counts()
         # Chosen once, here: every layer of every step uses this kernel, and stats() reports it.
-        self.attention_backend = resolve_kernel(attention_backend, self.device)
-        self.max_model_len = min(max_model_len or self.config.max_position_embeddings, self.config.max_position_embeddings)
+        self.attention_backend = resolve_kernel(attention_backend, self.device, self.config.head_dim, self.dtype)
+        self.max_model_len = check_max_model_len(max_model_len, self.config.max_position_embeddings)
         self.eos_token_ids = sorted(set(self.config.eos_token_ids) | {t for t in [self.tokenizer.eos_token_id] if t is not None})
         self.kv_cache = kv_cache
         self.engine = self._make_engine(
@@ -266,7 +269,21 @@ class LLM:
 
     def stats(self) -> dict:
         with self._lock:
-            return {"kv_cache": self.kv_cache, "attention_backend": self.attention_backend, **self.engine.stats()}
+            fallbacks = dict(fallback_counts() - self._fallbacks_base)  # "what: why" -> calls, since construction
+            return {"kv_cache": self.kv_cache, "attention_backend": self.attention_backend,
+                    "kernel_fallbacks": fallbacks, **self.engine.stats()}
+
+
+def check_max_model_len(max_model_len: int | None, model_max: int) -> int:
+    """None -> the model's context; else a positive int no longer than what the model was trained for."""
+    if max_model_len is None:
+        return model_max
+    if not isinstance(max_model_len, int) or not 1 <= max_model_len <= model_max:
+        raise ValueError(
+            f"max_model_len must be None or an int in [1, {model_max}] (the model's max_position_embeddings), "
+            f"got {max_model_len!r}"
+        )
+    return max_model_len
 
 
 def _check_model_placement(model_device: torch.device, model_dtype: torch.dtype, device, dtype) -> None:

@@ -70,11 +70,12 @@ class PagedEngine(Engine):
             )
         if not isinstance(num_kv_blocks, int) or num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be a positive int or None (derive it), got {num_kv_blocks!r}")
-        self.block_manager = BlockManager(num_kv_blocks, block_size, enable_prefix_caching)
+        # The pool first: it refuses a size the device cannot hold before anything is allocated.
         self.kv_cache = cache_cls(
             cfg.num_layers, num_kv_blocks, block_size, cfg.num_kv_heads, cfg.head_dim, dtype=param.dtype,
             device=param.device,
         )
+        self.block_manager = BlockManager(num_kv_blocks, block_size, enable_prefix_caching)
         scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens, scheduler, enable_chunked_prefill)
         super().__init__(model, scheduler, PagedAttention(self.kv_cache, self.block_manager, attention_backend))
 

@@ -24,9 +24,12 @@ Explained in notebooks/03_kv_cache.ipynb; ``minillm.engine.contiguous`` drives i
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+
+from minillm.kvcache.memory import check_fits, dtype_bytes
 
 
 @dataclass
@@ -100,6 +103,9 @@ class ContiguousKVCache:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         self.max_batch_size, self.max_len = max_batch_size, max_len
         shape = (num_layers, max_batch_size, num_kv_heads, max_len, head_dim)  # (L, B, Hkv, S_max, D)
+        check_fits(2 * math.prod(shape) * dtype_bytes(dtype), device,
+                   f"a contiguous KV cache of {max_batch_size} rows x {max_len} tokens",
+                   "use a smaller max_num_seqs or max_model_len (or kv_cache='paged', which reserves what is used)")
         self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
         self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
         self.lengths = [0] * num_layers

@@ -140,6 +140,33 @@ def paged_reservation(
     return Reservation(reserved, sum(lengths), kv_bytes_per_token(config, dtype))
 
 
+def available_bytes(device: torch.device | str) -> int | None:
+    """Bytes a new allocation can still take on ``device``: free GPU memory, or Linux's MemAvailable; None if unknown."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024  # reported in KiB
+        except OSError:  # not Linux: nothing cheap and reliable to ask
+            return None
+    return None
+
+
+def check_fits(num_bytes: int, device: torch.device | str, what: str, advice: str) -> None:
+    """Refuse an allocation that cannot fit, before trying it: a tensor too big for RAM gets the process killed, not
+    a Python error."""
+    available = available_bytes(device)
+    if available is not None and num_bytes > available:
+        raise ValueError(
+            f"{what} needs {format_bytes(num_bytes)} but {torch.device(device)} has {format_bytes(available)} "
+            f"available; {advice}"
+        )
+
+
 def format_bytes(n: float) -> str:
     """1536 -> '1.5 KiB'; binary units, as memory is sold."""
     units = ("B", "KiB", "MiB", "GiB", "TiB")

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import torch
 
 from minillm.kvcache.blocks import check_block_size
-from minillm.kvcache.memory import kv_bytes_per_token
+from minillm.kvcache.memory import check_fits, format_bytes, kv_bytes_per_token
 from minillm.kvcache.store import store_kv, store_kv_ref
 
 
@@ -32,6 +32,14 @@ class PagedKVCache:
         device: torch.device | str = "cpu",
     ):
         check_block_size(block_size)
+        for name, value in [("num_layers", num_layers), ("num_blocks", num_blocks), ("num_kv_heads", num_kv_heads),
+                            ("head_dim", head_dim)]:
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        per_block = type(self).bytes_per_block(num_layers, block_size, num_kv_heads, head_dim, dtype)
+        check_fits(num_blocks * per_block, device, f"a paged KV pool of {num_blocks} blocks of {block_size} tokens",
+                   f"pass fewer num_kv_blocks ({format_bytes(per_block)} each) or a smaller block_size, or "
+                   "num_kv_blocks=None to size the pool from memory")
         self.num_layers, self.num_blocks, self.block_size = num_layers, num_blocks, block_size
         self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
         shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)  # (L, NB, BS, Hkv, D)

@@ -17,11 +17,12 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from minillm._triton import HAS_TRITON, triton_available
+from minillm._triton import HAS_TRITON, record_fallback, triton_available
 from minillm.quant.kernels import dequant_matmul, dequantize_weight_ref
 from minillm.quant.numerics import pack_int4, quantize_asymmetric, quantize_symmetric
 
 BACKENDS = ("auto", "triton", "reference")
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # activations dequant_matmul takes
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 SCALE_DTYPE = torch.float16  # as in GGUF, AWQ and GPTQ: 16-bit scales are plenty for a per-group step size
 
@@ -67,7 +68,13 @@ class _QuantLinear(nn.Module):
         if self.backend == "reference":
             return False
         if self.backend == "auto":
-            return HAS_TRITON and x.is_cuda
+            if not x.is_cuda:
+                return False
+            if not HAS_TRITON or x.dtype not in KERNEL_DTYPES:
+                why = "Triton is not installed" if not HAS_TRITON else f"the kernels take {KERNEL_DTYPES}, not {x.dtype}"
+                record_fallback(f"{type(self).__name__} on a GPU", why)  # counted: LLM.stats() shows it
+                return False
+            return True
         if not triton_available(x.device):
             raise RuntimeError(f"backend='triton' needs triton on CUDA or TRITON_INTERPRET=1; x is on {x.device}")
         return True
