@@ -9,22 +9,32 @@ its own scale (and, for Q4_1, its own minimum), so one outlier only hurts its 32
     Q4_1  (20 bytes / 32 values):  d: f16 | m: f16 | 16 bytes       x = d * q + m
 
 In the 4-bit formats byte j holds value j in its low nibble and value j + 16 in its high nibble. We parse the file
-with the `gguf` package's reader (plumbing) but decode the blocks ourselves (the lesson); tests check every format
-bit-exact against `gguf`'s own dequantizer. Notebook 06 decodes one real block of the embedded model by hand.
+with the `gguf` package's reader (plumbing) but decode these three formats ourselves (the lesson); tests check them
+bit-exact against `gguf`'s own dequantizer. Other formats (the K-quants Q4_K, Q5_K, Q6_K of most downloaded files,
+BF16, the IQ types) are decoded by `gguf.quants.dequantize`. Notebook 06 decodes one real block of the embedded
+model by hand.
+
+A GGUF file is also untrusted input: ``open_gguf`` checks the header's counts against the file size before the
+reader walks them, and turns a file that ends early into an error that says so.
 
 Reference: the GGML block layouts in llama.cpp's ``ggml-common.h`` (``block_q8_0``, ``block_q4_0``, ``block_q4_1``).
 """
 
 from __future__ import annotations
 
+import struct
+from pathlib import Path
+
 import numpy as np
 import torch
+from gguf import GGMLQuantizationType, GGUFReader
+from gguf.quants import dequantize as gguf_dequantize
 
 BLOCK_SIZE = 32  # values per block in every format below
 
 # bytes per block for each quantized type
 BLOCK_BYTES = {"Q8_0": 2 + 32, "Q4_0": 2 + 16, "Q4_1": 2 + 2 + 16}
-SUPPORTED_TYPES = ("F32", "F16", "Q8_0", "Q4_0", "Q4_1")
+SUPPORTED_TYPES = ("F32", "F16", "Q8_0", "Q4_0", "Q4_1")  # decoded here; the rest by the gguf package
 
 
 def _blocks(raw: np.ndarray, type_name: str) -> np.ndarray:
@@ -78,8 +88,78 @@ def dequantize(raw: np.ndarray, type_name: str, shape: tuple[int, ...]) -> torch
     elif type_name in DEQUANTIZERS:
         values = DEQUANTIZERS[type_name](raw)
     else:
-        raise ValueError(f"unsupported GGUF tensor type {type_name!r}; minillm decodes {list(SUPPORTED_TYPES)}")
+        values = _dequantize_with_gguf(raw, type_name)
     return torch.from_numpy(np.array(values, dtype=np.float32).reshape(shape))
+
+
+def _dequantize_with_gguf(raw: np.ndarray, type_name: str) -> np.ndarray:
+    """Formats the course does not teach (K-quants, IQ, BF16) are decoded by the gguf package."""
+    unsupported = ValueError(
+        f"unsupported GGUF tensor type {type_name!r}: minillm decodes {list(SUPPORTED_TYPES)} itself and hands the "
+        "other weight formats (Q4_K, Q5_K, Q6_K, BF16, IQ*...) to the gguf package, which cannot dequantize this one"
+    )
+    if type_name not in GGMLQuantizationType.__members__:
+        raise unsupported
+    try:
+        return gguf_dequantize(np.asarray(raw), GGMLQuantizationType[type_name])
+    except NotImplementedError:
+        raise unsupported from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Opening a file
+
+HEADER = struct.Struct("<4sIQQ")  # magic b"GGUF", version, number of tensors, number of metadata key/values
+READABLE_VERSIONS = (2, 3)  # what gguf's reader accepts
+# The smallest possible encodings, to bound the counts: a key/value is a u64 key length, a u32 type and at least a
+# one-byte value; a tensor description is a u64 name length, u32 number of dims, u32 type and u64 offset.
+MIN_KV_BYTES = 8 + 4 + 1
+MIN_TENSOR_INFO_BYTES = 8 + 4 + 4 + 8
+
+
+class _BoundsCheckedReader(GGUFReader):
+    """gguf's reader, except that reading past the end of the file is an error.
+
+    The reader slices a memory map, and numpy silently shortens a slice that runs off the end: a truncated file
+    then fails later as a puzzling reshape or index error deep inside gguf. ``_get`` is the reader's one primitive
+    for every read, so checking there catches every short read.
+    """
+
+    def _get(self, offset, dtype, count=1, override_order=None):
+        end = offset + np.dtype(dtype).itemsize * int(count)
+        if end > self.data.size:
+            raise EOFError(f"its header describes data up to byte {end:,}, but it has only {self.data.size:,} bytes")
+        return super()._get(offset, dtype, count, override_order)
+
+
+def _check_header(path: Path) -> None:
+    """Refuse files whose fixed-size header is wrong before the reader loops over counts it cannot trust."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(HEADER.size)
+    if len(head) < HEADER.size or head[:4] != b"GGUF":
+        raise ValueError(f"{path} is not a GGUF file: it does not start with the magic bytes b'GGUF'")
+    _, version, num_tensors, num_kv = HEADER.unpack(head)
+    if version & 0xFFFFFF == 0 and version >> 24 in READABLE_VERSIONS:  # 3 read as 0x03000000: bytes swapped
+        raise ValueError(f"{path} is a big-endian GGUF file; minillm reads little-endian ones (what llama.cpp writes)")
+    if version not in READABLE_VERSIONS:
+        raise ValueError(f"{path} is GGUF version {version}; minillm reads versions {list(READABLE_VERSIONS)}")
+    if num_kv * MIN_KV_BYTES + num_tensors * MIN_TENSOR_INFO_BYTES > size - HEADER.size:
+        raise ValueError(
+            f"{path} has a corrupt header: it claims {num_tensors:,} tensors and {num_kv:,} metadata keys, "
+            f"more than a {size:,}-byte file can describe"
+        )
+
+
+def open_gguf(path: Path) -> GGUFReader:
+    """A `gguf.GGUFReader` over `path`, or a ValueError that names the file and what is wrong with it."""
+    _check_header(path)
+    try:
+        return _BoundsCheckedReader(str(path))
+    except EOFError as err:
+        raise ValueError(f"{path} is truncated: {err}; the download or copy was cut short, fetch it again") from None
+    except (ValueError, KeyError, IndexError, OverflowError) as err:  # what the reader raises on bytes it cannot parse
+        raise ValueError(f"{path} is a corrupt GGUF file ({type(err).__name__}: {err})") from err
 
 
 def read_metadata(reader) -> dict:

@@ -50,4 +50,6 @@ def hf_smollm():
     from minillm.loading import embedded_gguf_path
 
     path = embedded_gguf_path("smollm2-135m")
-    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32, trust_remote_code=False
+    ).eval()

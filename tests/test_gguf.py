@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from gguf import GGMLQuantizationType, GGUFReader
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
 
@@ -50,9 +50,21 @@ def test_real_file_tensors_bit_exact():
     assert {"Q4_1", "Q8_0", "F32"} <= seen
 
 
-def test_unknown_type_is_a_clear_error():
-    with pytest.raises(ValueError, match="unsupported GGUF tensor type 'Q6_K'"):
-        dequantize(np.zeros(10, np.uint8), "Q6_K", (10,))
+@pytest.mark.parametrize("type_name", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "BF16"])
+def test_other_formats_decode_through_gguf(type_name):
+    """Formats the course does not decode itself go to gguf's dequantizer (random bytes: NaN scales included)."""
+    qtype = GGMLQuantizationType[type_name]
+    block_size, block_bytes = GGML_QUANT_SIZES[qtype]
+    rows, cols = 3, 2 * block_size
+    raw = np.random.default_rng(2).integers(0, 256, size=(rows, cols // block_size * block_bytes), dtype=np.uint8)
+    got = dequantize(raw, type_name, (rows, cols)).numpy()
+    np.testing.assert_array_equal(got, gguf_dequantize(raw, qtype))  # NaN where gguf has NaN counts as equal
+
+
+@pytest.mark.parametrize("type_name", ["Q8_K", "I32", "Q99"])
+def test_unknown_type_is_a_clear_error(type_name):
+    with pytest.raises(ValueError, match=f"unsupported GGUF tensor type '{type_name}'.*'Q4_1'.*cannot dequantize"):
+        dequantize(np.zeros(10, np.uint8), type_name, (10,))
 
 
 def test_unpermute_inverts_llama_cpp_permutation():
