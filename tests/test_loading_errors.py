@@ -7,8 +7,8 @@ Llama GGUF written with `gguf.GGUFWriter` (a 261-token byte-level vocabulary, so
 
 import contextlib
 import json
-import re
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -323,9 +323,10 @@ CONCURRENT_LOAD = textwrap.dedent("""
     import os, sys, time
     from pathlib import Path
     import minillm.loading as loading
+    import minillm.weight_cache as weight_cache
 
     barrier = Path(sys.argv[2])
-    real_save_file = loading.save_file
+    real_save_file = weight_cache.save_file
 
     def save_file_then_wait(*args, **kwargs):
         real_save_file(*args, **kwargs)
@@ -334,7 +335,7 @@ CONCURRENT_LOAD = textwrap.dedent("""
         while len(list(barrier.iterdir())) < 2 and time.monotonic() < deadline:
             time.sleep(0.01)
 
-    loading.save_file = save_file_then_wait
+    weight_cache.save_file = save_file_then_wait
     loading.load_model(sys.argv[1], device="cpu", dtype="float32", progress=False)
 """)
 
