@@ -5,7 +5,9 @@
 #   make lab        open the notebooks in JupyterLab
 #   make notebooks  re-execute every lecture and solution notebook and store its outputs (on a quiet machine)
 #   make exercises  regenerate exercises/ from solutions/
-#   make gpu-check  GPU-only tests and every benchmark (on a CUDA machine)
+#   make gpu-check  on a CUDA machine: GPU tests and every benchmark in one run of < 8 minutes, each stage under a
+#                   time limit; results and a summary (gpu-check-<device>.json) in benchmarks/results
+#   make gpu-check-dry-run  the same stages on the CPU at tiny sizes, into a temporary folder (`make test` runs it)
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -21,7 +23,7 @@ TORCH_EXTRA_INDEX ?= $(if $(filter Linux,$(shell uname -s)),$(if $(shell command
 STAMP := $(VENV)/.installed
 PROMPT ?= What is the capital of France? Answer in one sentence.
 
-.PHONY: .venv demo test test-fast lab notebooks gpu-check exercises clean distclean
+.PHONY: .venv demo test test-fast lab notebooks gpu-check gpu-check-dry-run exercises clean distclean
 
 .venv: $(STAMP)
 
@@ -51,8 +53,10 @@ notebooks: .venv
 	$(BIN)/python -m minillm.course build
 
 gpu-check: .venv
-	$(BIN)/python -m pytest -m gpu
-	$(BIN)/python -m minillm.bench all --out benchmarks/results
+	$(BIN)/python -m minillm.gpu_check
+
+gpu-check-dry-run: .venv
+	$(BIN)/python -m minillm.gpu_check --dry-run
 
 exercises: .venv
 	$(BIN)/python -m minillm.course build
