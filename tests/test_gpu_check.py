@@ -13,6 +13,7 @@ import torch
 
 from minillm import gpu_check
 from minillm.bench import __main__ as bench_cli
+from minillm.bench import headlines
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,7 +88,7 @@ def test_headlines_read_what_a_gpu_run_writes():
         {"impl": impl, "D": D, "T": T, "ratio_to_sdpa": r}
         for D in (64, 128) for T, impl, r in [(512, "sdpa", 1.0), (512, "flash", 0.7), (16384, "flash", 0.95)]
     ]}
-    assert gpu_check.attention_headline(attention) == {
+    assert headlines.attention_headline(attention) == {
         "flash / sdpa speed, D=64 T=16384": 0.95, "flash / sdpa speed, D=128 T=16384": 0.95,
     }
     paged = {"rows": [
@@ -95,16 +96,16 @@ def test_headlines_read_what_a_gpu_run_writes():
         {"impl": "paged", "S": 256, "time_ratio_to_sdpa": 1.4, "fraction_of_peak_bandwidth": 0.2},
         {"impl": "paged", "S": 65536, "time_ratio_to_sdpa": 0.9, "fraction_of_peak_bandwidth": 0.85},
     ]}
-    assert gpu_check.paged_headline(paged) == {"paged / sdpa time, S=65536": 0.9, "paged / peak bandwidth": 0.85}
+    assert headlines.paged_headline(paged) == {"paged / sdpa time, S=65536": 0.9, "paged / peak bandwidth": 0.85}
     roofline = {"measured_flops": 600e12, "measured_bandwidth": 4e12, "decode_step_batch1": {"bandwidth": 1e12},
                 "peak": {"flops": 1000e12, "bandwidth": 5e12}}
-    assert gpu_check.roofline_headline(roofline) == {
+    assert headlines.roofline_headline(roofline) == {
         "matmul TFLOP/s": 600.0, "bandwidth GB/s": 4000.0, "decode step / measured bandwidth": 0.25,
         "matmul / peak FLOP/s": 0.6, "bandwidth / peak": 0.8,
     }
     engine = {"throughput_ratios": {"minillm_continuous_vs_hf_generate": 3.0},
               "systems": {"hf_generate": {}, "hf_generate_batch": {"error": "TypeError: x"}}}
-    assert gpu_check.engine_headline(engine) == {
+    assert headlines.engine_headline(engine) == {
         "continuous / hf_generate tokens/s": 3.0, "hf_generate_batch error": "TypeError: x",
     }
 
