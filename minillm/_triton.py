@@ -98,3 +98,24 @@ def count_kernel_launches() -> Iterator[Counter[str]]:
         yield launched
     finally:
         launched.update(_LAUNCHES - before)
+
+
+# Shared memory one program (thread block) may use, by CUDA compute capability: the opt-in maximum per block from
+# the CUDA C++ Programming Guide, "Technical Specifications per Compute Capability". Launchers size their tiles to fit.
+MAX_SHARED_MEMORY = {75: 64 * 1024, 80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+
+
+def device_arch(device: torch.device | str) -> int | None:
+    """The compute capability of `device` as an int (75 for a T4, 80 for an A100, 90 for an H100), or None where
+    kernels run in the CPU interpreter: the launchers choose their tiles from it."""
+    device = torch.device(device)
+    if device.type != "cuda" or MODE != "compiled":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
+def max_shared_memory(arch: int) -> int:
+    """Bytes of shared memory one program may use on compute capability `arch` (99 KiB, the smallest since sm80, for
+    an arch not in MAX_SHARED_MEMORY)."""
+    return MAX_SHARED_MEMORY.get(arch, 99 * 1024)

@@ -16,13 +16,24 @@ Details that make it fast or correct:
 - the causal mask is bottom-right aligned (query i sees keys j <= i + S - T), which a prefill chunk needs;
 - the same kernel serves a packed batch of variable-length sequences (`varlen.py`): each program reads its
   sequence's start and length from cumulative lengths instead of a batch stride.
+- the tile sizes suit the GPU (`plan`): a T4 has 64 KiB of shared memory per program, an H100 227 KiB.
 
 Notebook 02_attention explains the kernel block by block and benchmarks it against PyTorch's SDPA.
 """
 
 import torch
 
-from minillm._triton import HAS_TRITON, is_interpreter, record_launch, require_triton, tl, triton, triton_available
+from minillm._triton import (
+    HAS_TRITON,
+    device_arch,
+    is_interpreter,
+    max_shared_memory,
+    record_launch,
+    require_triton,
+    tl,
+    triton,
+    triton_available,
+)
 from minillm.attention.reference import attention_ref, check_attention_inputs
 
 LOG2E = 1.4426950408889634  # log2(e): exp(x) == exp2(x * LOG2E)
@@ -170,21 +181,43 @@ def interpreter_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype == torch.bfloat16 and is_interpreter() else dtype
 
 
-def kernel_config(max_T: int, D: int, dtype: torch.dtype, block_m: int | None, block_n: int | None) -> dict:
-    """Hand-picked tile sizes (no autotuning yet): big tiles on a GPU, where T is short (decode) smaller Q tiles."""
+def plan(
+    max_T: int, D: int, dtype: torch.dtype, arch: int | None, *, block_m: int | None = None, block_n: int | None = None
+) -> dict:
+    """The launch choices for up to max_T query rows: BLOCK_M, BLOCK_N, INPUT_PRECISION, num_warps, num_stages.
+
+    Hand-picked per compute capability `arch` (75, 80, 90, ...; None for the CPU interpreter), no autotuning yet; a
+    short T (decode) gets a smaller Q tile. block_m, block_n override the tile sizes. tests/test_gpu_compile.py
+    compiles the plans for sm75, sm80, sm86 and sm90 and checks that their shared memory fits.
+    """
     for name, value in (("block_m", block_m), ("block_n", block_n)):
         if value is not None and (value < 16 or value & (value - 1)):
             raise ValueError(f"{name} must be a power of two >= 16 (tl.dot needs it), got {value}")
-    if is_interpreter():
+    if arch is None:
         # The interpreter runs each tile op in numpy: fewer, bigger tiles are faster.
-        default_m, default_n, num_warps, num_stages = 64, 64, 4, 1
-    elif dtype == torch.float32:
-        default_m, default_n, num_warps, num_stages = 64, 32, 4, 2  # fp32 tiles take twice the shared memory
+        default_m, default_n, num_warps = 64, 64, 4
+    elif arch < 80 or dtype == torch.float32:
+        # tl.dot runs on FMAs, not tensor cores (Triton on Turing; the exact "ieee" fp32 dot on every GPU): small
+        # tiles over 8 warps keep the registers from spilling.
+        default_m, default_n, num_warps = (32 if D >= 128 else 64), 32, 8
     else:
-        default_m, default_n, num_warps, num_stages = 128, 64, (8 if D >= 128 else 4), 3
-    if block_m is None:
-        block_m = min(default_m, max(16, triton.next_power_of_2(max_T)))
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n or default_n, num_warps=num_warps, num_stages=num_stages)
+        default_m, default_n, num_warps = 128, 64, (8 if D >= 128 else 4)
+    block_m = block_m or min(default_m, max(16, triton.next_power_of_2(max_T)))
+    block_n = block_n or default_n
+    return dict(
+        BLOCK_M=block_m, BLOCK_N=block_n, INPUT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+        num_warps=num_warps, num_stages=num_kv_stages(block_n, D, dtype, arch),
+    )
+
+
+def num_kv_stages(block_n: int, D: int, dtype: torch.dtype, arch: int | None) -> int:
+    """How many K/V tiles of block_n keys to prefetch: 3 where they take at most 3/4 of the shared memory, else 2."""
+    if arch is None or arch < 80:
+        return 1  # the interpreter does not pipeline, and before sm80 there is no cp.async to prefetch with
+    # Each stage holds a K and a V tile: 2 * BLOCK_N * D elements (32 KiB for fp16 at D = 128, BLOCK_N = 64), so
+    # three stages fit an A100 or H100 but not the 99 KiB of sm86/sm89.
+    stage_bytes = 2 * block_n * D * dtype.itemsize
+    return 3 if 3 * stage_bytes <= max_shared_memory(arch) * 3 // 4 else 2
 
 
 def flash_attention(
@@ -215,16 +248,14 @@ def flash_attention(
     run_dtype = interpreter_dtype(q.dtype)
     q_in, k, v = q.to(run_dtype), k.to(run_dtype), v.to(run_dtype)  # no-ops unless bf16 under the interpreter
     o = torch.empty_like(q_in)
-    cfg = kernel_config(T, D, run_dtype, block_m, block_n)
+    cfg = plan(T, D, run_dtype, device_arch(q.device), block_m=block_m, block_n=block_n)
     grid = (triton.cdiv(T, cfg["BLOCK_M"]), B * H)
     record_launch("flash_attention")
     _flash_attention_fwd_kernel[grid](
         q_in, k, v, o, None, None,
         T, S, H, scale * LOG2E,
         *q_in.stride(), *k.stride(), *v.stride(), *o.stride(),
-        NUM_GROUPS=H // Hkv, D=D, CAUSAL=causal, IS_VARLEN=False,
-        INPUT_PRECISION="ieee" if run_dtype == torch.float32 else "tf32",
-        **cfg,
+        NUM_GROUPS=H // Hkv, D=D, CAUSAL=causal, IS_VARLEN=False, **cfg,
     )
     return o.to(q.dtype)
 

@@ -23,8 +23,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from minillm._triton import HAS_TRITON, record_launch, require_triton, tl, triton
-from minillm.attention.flash import interpreter_dtype
+from minillm._triton import HAS_TRITON, device_arch, record_launch, require_triton, tl, triton
+from minillm.attention.flash import interpreter_dtype, num_kv_stages
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # others (float64): use the reference
 
@@ -199,11 +199,44 @@ def paged_decode_attention_ref(
     return o.reshape(b, h, d).to(q.dtype)
 
 
-def _num_splits(batch_heads: int, max_context_len: int, block_n: int, device: torch.device) -> int:
+def plan(
+    batch_heads: int,
+    group: int,
+    D: int,
+    dtype: torch.dtype,
+    max_context_len: int,
+    arch: int | None,
+    num_sms: int | None = None,
+    num_splits: int | None = None,
+) -> dict:
+    """The launch choices for one decode step: split-K count, the decode kernel's meta-parameters, the combine's.
+
+    batch_heads = B * Hkv (programs before splitting), group = H // Hkv, arch the compute capability (None for the CPU
+    interpreter), num_sms the GPU's SM count (None on CPU); num_splits forces the split count. Returns
+    dict(num_splits, tokens_per_split, decode=..., combine=... or None when there is a single split).
+    """
+    # Tokens per tile: 64 for fp16/bf16; 32 where tl.dot runs on FMAs (fp32, or Turing), which spill registers at 64.
+    block_n = 64 if dtype.itemsize <= 2 and (arch is None or arch >= 80) else 32
+    if num_splits is None:
+        num_splits = _num_splits(batch_heads, max_context_len, block_n, num_sms)
+    tokens_per_split = triton.cdiv(triton.cdiv(max_context_len, num_splits), block_n) * block_n
+    num_splits = triton.cdiv(max_context_len, tokens_per_split)  # whole tiles per split can leave fewer splits
+    block_d = max(16, triton.next_power_of_2(D))
+    decode = dict(
+        BLOCK_G=max(16, triton.next_power_of_2(group)),  # the group's query heads, padded to >= 16 rows for tl.dot
+        BLOCK_N=block_n, BLOCK_D=block_d, FP32_DOT=dtype == torch.float32,
+        num_warps=4, num_stages=num_kv_stages(block_n, block_d, dtype, arch),
+    )
+    combine = None
+    if num_splits > 1:
+        combine = dict(BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d, num_warps=4, num_stages=1)
+    return dict(num_splits=num_splits, tokens_per_split=tokens_per_split, decode=decode, combine=combine)
+
+
+def _num_splits(batch_heads: int, max_context_len: int, block_n: int, num_sms: int | None) -> int:
     """Enough splits to give every SM ~2 programs, never a split shorter than 4 token tiles."""
-    if device.type != "cuda":
+    if num_sms is None:
         return 1 if max_context_len <= 4 * block_n else 2  # the interpreter: exercise split-K on long-ish contexts
-    num_sms = torch.cuda.get_device_properties(device).multi_processor_count
     return max(1, min(2 * num_sms // batch_heads, triton.cdiv(max_context_len, 4 * block_n), 64))
 
 
@@ -245,11 +278,10 @@ def paged_decode_attention(
     out = torch.empty_like(q)
     if max_context_len is None:
         max_context_len = int(context_lens.max())
-    block_n = 64 if q.element_size() <= 2 else 32  # tokens per tile
-    if num_splits is None:
-        num_splits = _num_splits(b * hkv, max_context_len, block_n, q.device)
-    tokens_per_split = triton.cdiv(triton.cdiv(max_context_len, num_splits), block_n) * block_n
-    num_splits = triton.cdiv(max_context_len, tokens_per_split)
+    arch = device_arch(q.device)
+    num_sms = None if arch is None else torch.cuda.get_device_properties(q.device).multi_processor_count
+    cfg = plan(b * hkv, group, d, q.dtype, max_context_len, arch, num_sms, num_splits)
+    num_splits = cfg["num_splits"]
     if num_splits == 1:
         mid_o, mid_m, mid_l = out.unsqueeze(2), None, None  # (B, H, 1, D): the kernel writes the answer directly
         m_strides = (0, 0, 0)
@@ -262,11 +294,10 @@ def paged_decode_attention(
     _paged_decode_kernel[(b, hkv, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens,
         mid_o, mid_m, mid_l,
-        group, d, tokens_per_split,
+        group, d, cfg["tokens_per_split"],
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *block_tables.stride(), *mid_o.stride(), *m_strides,
         scale * 1.4426950408889634,  # log2(e): the kernel uses exp2
-        BS=bs, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
-        BLOCK_D=max(16, triton.next_power_of_2(d)), FP32_DOT=q.dtype == torch.float32,
+        BS=bs, **cfg["decode"],
     )
     if num_splits > 1:
         record_launch("paged_decode_combine")
@@ -274,6 +305,6 @@ def paged_decode_attention(
             mid_o, mid_m, mid_l, out,
             num_splits, d,
             *mid_o.stride(), *mid_m.stride(), *out.stride(),
-            BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=triton.next_power_of_2(d),
+            **cfg["combine"],
         )
     return out

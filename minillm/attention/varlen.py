@@ -14,14 +14,9 @@ in `flash.py` with IS_VARLEN=True. Notebook 02_attention introduces it; the engi
 
 import torch
 
-from minillm._triton import record_launch, require_triton, triton
+from minillm._triton import device_arch, record_launch, require_triton, triton
 from minillm.attention import flash
-from minillm.attention.flash import (
-    LOG2E,
-    check_kernel_support,
-    interpreter_dtype,
-    kernel_config,
-)
+from minillm.attention.flash import LOG2E, check_kernel_support, interpreter_dtype
 from minillm.attention.reference import attention_ref, check_qkv
 
 
@@ -86,7 +81,7 @@ def flash_attention_varlen(
     q_in, k, v = q.to(run_dtype), k.to(run_dtype), v.to(run_dtype)  # no-ops unless bf16 under the interpreter
     # Zeros, not empty: tokens outside every sequence (if the lengths do not cover Nq) are never written.
     o = torch.zeros_like(q_in)
-    cfg = kernel_config(max_seqlen_q, D, run_dtype, block_m, block_n)
+    cfg = flash.plan(max_seqlen_q, D, run_dtype, device_arch(q.device), block_m=block_m, block_n=block_n)
     grid = (triton.cdiv(max_seqlen_q, cfg["BLOCK_M"]), num_seqs * H)
     # Packed layout (N, heads, D): no batch stride; the token stride moves along the packed axis.
     record_launch("flash_attention_varlen")
@@ -97,9 +92,7 @@ def flash_attention_varlen(
         0, k.stride(1), k.stride(0), k.stride(2),
         0, v.stride(1), v.stride(0), v.stride(2),
         0, o.stride(1), o.stride(0), o.stride(2),
-        NUM_GROUPS=H // k.shape[1], D=D, CAUSAL=causal, IS_VARLEN=True,
-        INPUT_PRECISION="ieee" if run_dtype == torch.float32 else "tf32",
-        **cfg,
+        NUM_GROUPS=H // k.shape[1], D=D, CAUSAL=causal, IS_VARLEN=True, **cfg,
     )
     return o.to(q.dtype)
 

@@ -70,6 +70,12 @@ def store_kv_ref(
     v_cache.view(-1, *v_cache.shape[2:])[slots] = v[keep]
 
 
+def plan(Hkv: int, D: int) -> dict:
+    """The launch choices: one [BLOCK_H, BLOCK_D] tile holds a token's K (or V) for every KV head."""
+    # One small tile per program and no loop to pipeline: the same on every GPU.
+    return dict(BLOCK_H=triton.next_power_of_2(Hkv), BLOCK_D=triton.next_power_of_2(D), num_warps=4, num_stages=1)
+
+
 def store_kv(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
@@ -84,5 +90,5 @@ def store_kv(
         k, v, k_cache, v_cache, slot_mapping,
         hkv, d,
         *k.stride(), *v.stride(), *k_cache.stride(), *v_cache.stride(),
-        BS=k_cache.shape[1], BLOCK_H=triton.next_power_of_2(hkv), BLOCK_D=triton.next_power_of_2(d),
+        BS=k_cache.shape[1], **plan(hkv, d),
     )

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from minillm._triton import HAS_TRITON, record_launch, tl, triton
+from minillm._triton import HAS_TRITON, device_arch, is_interpreter, record_launch, require_triton, tl, triton
 from minillm.quant.numerics import unpack_int4
 
 GEMV_MAX_ROWS = 16  # up to this many rows (tokens), the GEMV path; above it, the tiled GEMM
@@ -92,6 +92,7 @@ if HAS_TRITON:
         stride_xm, stride_xk, stride_qn, stride_qk, stride_sn, stride_sg, stride_om, stride_on,
         # Meta-parameters
         BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr,
     ):
         """One program: a [BLOCK_M, BLOCK_N] tile of out = x @ W^T, accumulated over K in fp32."""
         pid_m = tl.program_id(0)
@@ -108,7 +109,7 @@ if HAS_TRITON:
                 stride_qn, stride_qk, stride_sn, stride_sg, BITS,
             )  # [BLOCK_N, BLOCK_K]
             # The dequantized tile feeds the tensor cores in x's dtype; it is reused by all BLOCK_M rows.
-            acc += tl.dot(x, tl.trans(w.to(x.dtype)))  # [BLOCK_M, BLOCK_N]
+            acc += tl.dot(x, tl.trans(w.to(x.dtype)), input_precision=INPUT_PRECISION)  # [BLOCK_M, BLOCK_N]
         out_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
         out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
@@ -156,21 +157,52 @@ def _block_k(K: int, group_size: int) -> int:
     return block_k
 
 
+# On a GPU, an int4 weight tile holds at most 2048 codes per 4 warps (16 a thread): each code's 64-bit address, byte,
+# nibble and fp32 value sit in registers at once, and a 64 x 128 tile spilled 1.9 KiB a thread on sm80 (ptxas's count,
+# which tests/test_gpu_compile.py checks). int8 codes need no unpacking: twice as many fit.
+MAX_TILE_CODES = {8: 4096, 4: 2048}
+
+
+def gemv_plan(K: int, group_size: int, bits: int, arch: int | None) -> dict:
+    """The GEMV's launch choices (BLOCK_N, BLOCK_K, num_warps, num_stages) on compute capability `arch` (None: the CPU
+    interpreter). tests/test_gpu_compile.py compiles them for sm75, sm80, sm86 and sm90."""
+    block_k = _block_k(K, group_size)
+    # The interpreter runs each tile op in numpy: fewer, bigger tiles are faster.
+    block_n = 64 if arch is None else max(16, MAX_TILE_CODES[bits] // block_k)
+    return dict(BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=3)
+
+
+def gemm_plan(K: int, group_size: int, bits: int, dtype: torch.dtype, arch: int | None) -> dict:
+    """The GEMM's launch choices (BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, num_warps, num_stages) for activations of
+    `dtype` on compute capability `arch` (None: the CPU interpreter)."""
+    block_m, block_n, block_k = 32, 64, _block_k(K, group_size)
+    if arch is not None:
+        block_k = min(block_k, MAX_TILE_CODES[bits] // block_n)  # a smaller power of two still never straddles groups
+    # fp32 activations: exact products ("ieee"); tl.dot would round them to tf32 on an A100 or H100.
+    precision = "ieee" if dtype == torch.float32 else "tf32"
+    return dict(
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, INPUT_PRECISION=precision, num_warps=4, num_stages=3
+    )
+
+
 def dequant_gemv(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int, group_size: int
 ) -> torch.Tensor:
     """Decode path: x (M, K) with few rows @ dequantized W^T -> (M, N) in x's dtype."""
     M, N, K = _check_weights(x, qweight, scales, zeros, bits, group_size)
+    require_triton(x.device, "dequant_gemv")
+    if x.dtype == torch.bfloat16 and is_interpreter():  # the CPU interpreter's numpy has no bf16: run in fp32
+        return dequant_gemv(x.float(), qweight, scales, zeros, bits, group_size).to(x.dtype)
     out = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    BLOCK_N, BLOCK_K = 64, _block_k(K, group_size)
-    grid = (triton.cdiv(N, BLOCK_N), M)
+    cfg = gemv_plan(K, group_size, bits, device_arch(x.device))
+    grid = (triton.cdiv(N, cfg["BLOCK_N"]), M)
     record_launch("dequant_gemv")
     _dequant_gemv_kernel[grid](
         x, qweight, scales, scales if zeros is None else zeros, out,
         N, K, group_size,
         x.stride(0), x.stride(1), qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1),
         out.stride(0), out.stride(1),
-        BITS=bits, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+        BITS=bits, **cfg,
     )
     return out
 
@@ -180,16 +212,19 @@ def dequant_gemm(
 ) -> torch.Tensor:
     """Prefill path: x (M, K) @ dequantized W^T -> (M, N) in x's dtype, tiled [BLOCK_M, BLOCK_N]."""
     M, N, K = _check_weights(x, qweight, scales, zeros, bits, group_size)
+    require_triton(x.device, "dequant_gemm")
+    if x.dtype == torch.bfloat16 and is_interpreter():  # the CPU interpreter's numpy has no bf16: run in fp32
+        return dequant_gemm(x.float(), qweight, scales, zeros, bits, group_size).to(x.dtype)
     out = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    BLOCK_M, BLOCK_N, BLOCK_K = 32, 64, _block_k(K, group_size)
-    grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_N))
+    cfg = gemm_plan(K, group_size, bits, x.dtype, device_arch(x.device))
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
     record_launch("dequant_gemm")
     _dequant_gemm_kernel[grid](
         x, qweight, scales, scales if zeros is None else zeros, out,
         M, N, K, group_size,
         x.stride(0), x.stride(1), qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1),
         out.stride(0), out.stride(1),
-        BITS=bits, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+        BITS=bits, **cfg,
     )
     return out
 
