@@ -1,6 +1,6 @@
 # minillm course: one environment, a handful of commands.
 #   make demo       generate text with the embedded SmolLM2-135M model (offline)
-#   make test       the whole test suite, notebooks included (what CI runs)
+#   make test       the whole test suite, notebooks included (what CI runs); sweeps of many minutes: pytest -m sweep
 #   make test-fast  the inner loop: everything but the notebook runs and the real-model tests (< 2 minutes)
 #   make lab        open the notebooks in JupyterLab
 #   make notebooks  re-execute every lecture and solution notebook and store its outputs (on a quiet machine)
@@ -38,10 +38,10 @@ demo: .venv
 	$(BIN)/python -m minillm generate "$(PROMPT)"
 
 test: .venv
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m "not sweep"
 
 test-fast: .venv
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -m "not slow and not sweep"
 
 lab: .venv
 	$(BIN)/jupyter lab notebooks/

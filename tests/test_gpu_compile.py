@@ -266,23 +266,26 @@ def compiled() -> dict[tuple[Launch, int], dict]:
     return compile_all([(launch, arch) for arch in TARGETS for launch in representative_launches(arch)])
 
 
+@pytest.mark.slow  # ~90 s of cold compiles, shared by these three: make test runs them, make test-fast not
 def test_every_planned_launch_compiles_and_fits_shared_memory(compiled):
     check(compiled)
 
 
+@pytest.mark.slow  # ~90 s of cold compiles, shared by these three: make test runs them, make test-fast not
 def test_t4_flash_prefill_fits_64_kib(compiled):
     """Regression: D = 128 fp16 prefill on a T4 took 128 x 64 tiles in 3 stages, 96 KiB of the 64 KiB it has."""
     (prefill,) = flash_launches(75, [(LLAMA, F16, 3000, False)])
     assert compiled[prefill, 75]["shared"] <= 64 * 1024, compiled[prefill, 75]
 
 
+@pytest.mark.slow  # ~90 s of cold compiles, shared by these three: make test runs them, make test-fast not
 def test_int4_gemv_does_not_spill_registers(compiled):
     """Regression: int4 GEMV in groups of 128 took 64 x 128 tiles, which spilled 1.9 KiB a thread on sm80."""
     spills = {(arch, str(launch)): r["spill_stores"] for (launch, arch), r in compiled.items() if launch.kernel == GEMV}
     assert spills and all(spilled == 0 for spilled in spills.values()), spills
 
 
-@pytest.mark.slow
+@pytest.mark.sweep  # ~11 minutes cold: run it with `pytest -m sweep` after changing a launcher's plan
 def test_full_sweep_compiles_and_fits_shared_memory():
     check(compile_all([(launch, arch) for arch in TARGETS for launch in all_launches(arch)]))
 
