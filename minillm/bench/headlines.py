@@ -66,10 +66,21 @@ def engine_headline(r: dict) -> dict[str, Any]:
     return h
 
 
+def distill_headline(r: dict) -> dict[str, Any]:
+    h: dict[str, Any] = {}
+    for row in r["students"]:
+        kd, ce = row["runs"]["logit distillation"], row["runs"]["next-token"]
+        h[f"{row['student']}: recovered by logit distillation, {r['steps']} steps"] = kd["recovered"]
+        h[f"{row['student']}: recovered by next-token"] = ce["recovered"]
+        h[f"{row['student']}: next-token / distilled perplexity"] = ce["perplexities"][-1] / kd["perplexities"][-1]
+    return h
+
+
 def key_numbers(r: dict) -> dict[str, Any]:
     """For a topic without a headline function: its top-level numbers."""
     return {k: v for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 HEADLINES = {"roofline": roofline_headline, "attention": attention_headline, "kvcache": kvcache_headline,
-             "paged": paged_headline, "quant": quant_headline, "prune": prune_headline, "engine": engine_headline}
+             "paged": paged_headline, "quant": quant_headline, "prune": prune_headline, "distill": distill_headline,
+             "engine": engine_headline}
