@@ -146,3 +146,34 @@ def test_expected_tokens_per_step():
     assert expected_tokens_per_step(0.5, 2) == pytest.approx(1 + 0.5 + 0.25)
     with pytest.raises(ValueError):
         expected_tokens_per_step(1.5, 2)
+
+
+# -- rollback in the block manager --------------------------------------------------------------------------------
+
+
+def test_trim_gives_back_the_blocks_of_rejected_guesses():
+    from minillm.kvcache.blocks import BlockManager
+
+    bm = BlockManager(num_blocks=8, block_size=4)
+    prompt = list(range(10))
+    bm.allocate_prompt(0, prompt)
+    bm.ensure_capacity(0, 10)
+    bm.commit(0, prompt, 10)  # 2 full blocks hashed, 2 tokens in the third
+    free_before = bm.num_free_blocks
+    bm.ensure_capacity(0, 10 + 1 + 5)  # the last token and 5 guesses: positions up to 15 -> 4 blocks
+    assert len(bm.block_table(0)) == 4 and bm.num_free_blocks == free_before - 1
+    accepted = prompt + [50, 51]  # 2 guesses accepted: 12 tokens written and kept
+    bm.commit(0, accepted, 12)
+    bm.trim(0, 12)
+    assert len(bm.block_table(0)) == 3 and bm.num_free_blocks == free_before
+    assert len(bm.seq_hashes[0]) == 3  # the third block (tokens 8..11) is full and accepted: hashed
+    with pytest.raises(ValueError, match="trim of sequence 0"):
+        bm.trim(0, 11)  # into a written, hashed block
+    # A forked child shares the blocks: trimming the child only drops its references.
+    bm.ensure_capacity(0, 14)
+    bm.fork(0, 1)
+    bm.trim(1, 12)
+    assert len(bm.block_table(0)) == 4 and len(bm.block_table(1)) == 3
+    bm.free(0)
+    bm.free(1)
+    assert bm.num_free_blocks == 8 and all(r == 0 for r in bm.ref_counts)

@@ -215,6 +215,30 @@ class BlockManager:
                 self.hash_to_block[h] = block_id
                 self.block_hashes[block_id], self.block_tokens[block_id] = h, tokens
 
+    def trim(self, seq_id: int, num_tokens: int) -> None:
+        """Give back the blocks past position ``num_tokens`` (speculative decoding's rollback, chapter 09).
+
+        A verification step reserves slots for every guessed token; the rejected guesses' K/V is garbage, so the
+        sequence keeps only ``num_tokens`` positions and the blocks holding nothing else return to the pool. Only
+        unhashed tail blocks can go: ``commit`` was given the accepted count, so no rejected token was ever hashed
+        into the prefix cache, and a trim into a written full block is refused.
+        """
+        table, hashes, bs = self._check_seq(seq_id), self.seq_hashes[seq_id], self.block_size
+        if not len(hashes) * bs <= num_tokens <= len(table) * bs:
+            raise ValueError(
+                f"trim of sequence {seq_id} to {num_tokens} tokens: must lie in [{len(hashes) * bs} (its written full "
+                f"blocks), {len(table) * bs} (its slots)]"
+            )
+        while len(table) > self._blocks_for(num_tokens):
+            block_id = table.pop()
+            self.ref_counts[block_id] -= 1
+            assert self.ref_counts[block_id] >= 0, f"block {block_id} ref count went negative"
+            if self.ref_counts[block_id] == 0:  # as in free(): a block cached by someone else stays findable
+                if self.block_hashes[block_id] is None:
+                    self.free_block_ids.append(block_id)
+                else:
+                    self.evictable[block_id] = None
+
     def fork(self, parent_id: int, child_id: int) -> None:
         """``child_id`` shares every block of ``parent_id`` (parallel sampling, n > 1); nothing is copied yet."""
         table = self._check_seq(parent_id)
