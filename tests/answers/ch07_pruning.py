@@ -6,14 +6,13 @@ last test recomputes the worked example above each exercise in the solution note
 """
 
 import math
-import re
 from pathlib import Path
 
 import pytest
 import torch
 
+from answers.worked_examples import check_worked_examples
 from minillm import grading
-from minillm.course import read_notebook
 from minillm.grading.ch07_pruning import _wanda_mask_ref, prune_mlp_channels_ref
 from minillm.prune import magnitude_mask, nm_mask, row_mask
 
@@ -369,37 +368,5 @@ REFERENCE = {
     "nm_mask": nm_mask,
     "prune_mlp_channels": prune_mlp_channels_ref,
 }
-EXPECTED = "# -> "
-
-
-def worked_examples(markdown: str) -> list[tuple[str, str]]:
-    """(code, expected output) pairs from the ```python blocks of a markdown cell: each `# -> text` line gives the
-    output of the expression on the line above it, after the lines before it ran."""
-    pairs = []
-    for block in re.findall(r"```python\n(.*?)```", markdown, flags=re.S):
-        lines = block.splitlines()
-        for i, line in enumerate(lines):
-            if line.startswith(EXPECTED):
-                pairs.append(("\n".join(lines[:i]), line[len(EXPECTED):]))
-    return pairs
-
-
-def _run(code: str) -> str:
-    *statements, last = [line for line in code.splitlines() if line.strip() and not line.startswith(EXPECTED)]
-    namespace = dict(REFERENCE)
-    exec("\n".join(statements), namespace)
-    return str(eval(last, namespace))
-
-
 def test_worked_examples_are_the_references_output():
-    cells = read_notebook(SOLUTION).cells
-    found = {}
-    for cell in cells:
-        match = re.search(r"^## Exercise (7\.\d+)", cell.source, flags=re.M)
-        if cell.cell_type == "markdown" and match:
-            found[match[1]] = worked_examples(cell.source)
-    assert sorted(found) == ["7.1", "7.2", "7.3", "7.4"], sorted(found)
-    for number, pairs in found.items():
-        assert pairs, f"the markdown of exercise {number} has no worked example (a ```python block with '# -> ')"
-        for code, expected in pairs:
-            assert _run(code) == expected, f"exercise {number}: the reference gives {_run(code)!r} for\n{code}"
+    check_worked_examples(SOLUTION, 7, ["7.1", "7.2", "7.3", "7.4"], REFERENCE)

@@ -7,7 +7,6 @@ last test recomputes the worked example above each exercise in the solution note
 
 import copy
 import math
-import re
 from pathlib import Path
 
 import pytest
@@ -15,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 import minillm
+from answers.worked_examples import check_worked_examples
 from minillm import grading
-from minillm.course import read_notebook
 from minillm.distill import distill, drop_layers, kd_loss, layers_to_drop, lr_at, next_token_loss, sample_batch
 from minillm.grading.ch08_distillation import (
     CharTokenizer,
@@ -587,40 +586,8 @@ REFERENCE = {
     "train_step": _train_step_ref,
     "lr_at": lr_at,
 }
-EXPECTED = "# -> "
-
-
-def worked_examples(markdown: str) -> list[tuple[str, str]]:
-    """(code, expected output) pairs from the ```python blocks of a markdown cell: each `# -> text` line gives the
-    output of the expression on the line above it, after the lines before it ran."""
-    pairs = []
-    for block in re.findall(r"```python\n(.*?)```", markdown, flags=re.S):
-        lines = block.splitlines()
-        for i, line in enumerate(lines):
-            if line.startswith(EXPECTED):
-                pairs.append(("\n".join(lines[:i]), line[len(EXPECTED):]))
-    return pairs
-
-
-def _run(code: str) -> str:
-    *statements, last = [line for line in code.splitlines() if line.strip() and not line.startswith(EXPECTED)]
-    namespace = dict(REFERENCE)
-    exec("\n".join(statements), namespace)
-    return str(eval(last, namespace))
-
-
 def test_worked_examples_are_the_references_output():
-    cells = read_notebook(SOLUTION).cells
-    found = {}
-    for cell in cells:
-        match = re.search(r"^## Exercise (8\.\d+)", cell.source, flags=re.M)
-        if cell.cell_type == "markdown" and match:
-            found[match[1]] = worked_examples(cell.source)
-    assert sorted(found) == ["8.1", "8.2", "8.3", "8.4", "8.5", "8.6"], sorted(found)
-    for number, pairs in found.items():
-        assert pairs, f"the markdown of exercise {number} has no worked example (a ```python block with '# -> ')"
-        for code, expected in pairs:
-            assert _run(code) == expected, f"exercise {number}: the reference gives {_run(code)!r} for\n{code}"
+    check_worked_examples(SOLUTION, 8, ["8.1", "8.2", "8.3", "8.4", "8.5", "8.6"], REFERENCE)
 
 
 def test_char_tokenizer_round_trips_and_the_tiny_teacher_is_reproducible():
