@@ -30,8 +30,9 @@ from minillm.kvcache.memory import waste_fraction
 class Engine:
     """A scheduler, an attention backend with ``prepare(out)``, and a model, stepped together."""
 
-    def __init__(self, model, scheduler: Scheduler, attention):
+    def __init__(self, model, scheduler: Scheduler, attention, proposer=None):
         self.model, self.scheduler, self.attention = model, scheduler, attention
+        self.proposer = proposer  # speculative decoding (chapter 09, ``minillm/spec/``): None = one token per step
         self.block_manager = scheduler.block_manager
         self.last_step = SchedulerOutput()  # what the latest step scheduled (the simulator draws it)
         self._start_run()
@@ -39,6 +40,8 @@ class Engine:
     # ---- the engine interface (see engine/llm.py) --------------------------------------------------------------
     def add(self, seq: Sequence, parent: Sequence | None = None) -> None:
         """Queue `seq`; `parent`: another completion of the same request (n > 1), whose prompt blocks it will share."""
+        if self.proposer is not None and seq.params.n > 1:
+            raise ValueError(f"speculative decoding serves one completion per request; got n={seq.params.n}")
         if not self.has_unfinished():
             self._start_run()
         self.scheduler.add(seq, parent if self.attention.forks_share_kv else None)
@@ -62,33 +65,75 @@ class Engine:
             raise
 
     def _step(self) -> list[Sequence]:
+        if self.proposer is not None:  # guesses for every decoding sequence; the scheduler keeps those that fit
+            for seq in self.scheduler.running:
+                if not seq.is_finished and seq.num_tokens - seq.num_computed_tokens == 1:
+                    seq.spec_token_ids = self.proposer.propose(seq)
         out = self.last_step = self.scheduler.schedule()
         assert out.seqs or not self.has_unfinished(), "scheduler made no progress with requests pending"
         if not out.seqs:
             return []
-        sampled = [seq for i, seq in enumerate(out.seqs) if out.is_last_chunk(i)]  # before commit moves the counts
+        last = [i for i in range(len(out.seqs)) if out.is_last_chunk(i)]  # before commit moves the counts
         inputs = self.attention.prepare(out)
         with torch.no_grad():
             logits = self.model(inputs.input_ids, inputs.positions, self.attention, inputs.metadata,
                                 logits_at=inputs.logits_at)  # (B, T or K, V)
-        logits = logits[inputs.rows, inputs.cols]  # (len(sampled), V)
-        rows, row_of = list(range(len(sampled))), {seq.seq_id: j for j, seq in enumerate(sampled)}
+        logits = logits[inputs.rows, inputs.cols]  # (rows, V): one per sampling sequence, 1 + k if it speculates
+        self._record(out)  # what the model computed, guesses included
+        sampled, rows, row_of, speculated, first = [], [], {}, [], 0
+        for i in last:
+            seq, k = out.seqs[i], len(out.seqs[i].spec_token_ids)
+            if k:  # keeps the K/V of its last token and of the accepted guesses it appended
+                out.num_new_tokens[i] = 1 + self._verify(seq, logits[first : first + k + 1])
+                speculated.append(seq)
+            else:
+                sampled.append(seq)
+                rows.append(first)
+                row_of[seq.seq_id] = first
+            first += k + 1
         for parent, child in self.scheduler.commit(out):  # n > 1: children draw from the parent's logits
             sampled.append(child)
             rows.append(row_of[parent.seq_id])
         sample_and_append(sampled, logits[rows])
-        self._record(out)
+        bm = self.block_manager
+        for seq in speculated:  # rejected guesses: their slots are garbage, their blocks go back
+            if not seq.is_finished:
+                bm.trim(seq.seq_id, min(seq.num_tokens, len(bm.tables[seq.seq_id]) * bm.block_size))
+        sampled += speculated
         if not self.attention.keeps_kv:  # nothing was stored: the next step computes every token again
             for seq in self.scheduler.running:
                 seq.num_computed_tokens = 0
         self.scheduler.free_finished()
         return sampled
 
+    def _verify(self, seq: Sequence, logits: torch.Tensor) -> int:
+        """Keep `seq`'s guesses the target agrees with (logits (1 + k, V) at its last token and each guess), append
+        the emitted tokens (stopping where the sequence finishes), and return how many appended guesses have K/V."""
+        from minillm.engine.sampling import sampling_probs
+        from minillm.spec.verify import greedy_accept, rejection_sample
+
+        guesses, seq.spec_token_ids = seq.spec_token_ids, []
+        if seq.params.is_greedy:
+            emitted = greedy_accept(guesses, logits.argmax(dim=-1).tolist())
+        else:
+            emitted = rejection_sample(guesses, sampling_probs(logits, seq.params), None, seq.generator)
+        accepted = len(emitted) - 1  # the last emitted token is the target's own (a correction or a bonus)
+        self.num_verified, self.num_proposed, self.num_accepted = (
+            self.num_verified + 1, self.num_proposed + len(guesses), self.num_accepted + accepted)
+        appended = 0
+        for token in emitted:
+            seq.append_token(token)
+            appended += 1
+            if seq.is_finished:
+                break
+        return min(accepted, appended)
+
     # ---- statistics --------------------------------------------------------------------------------------------
     def _start_run(self) -> None:
         bm = self.block_manager
         self.num_steps, self.batch_sizes, self.tokens_per_step, self.kv_blocks_used_history = 0, [], [], []
         self.kv_blocks_peak, self.kv_waste_pct = 0, 0.0
+        self.num_verified = self.num_proposed = self.num_accepted = 0  # speculative decoding's counts
         self._run_base = (self.scheduler.num_preemptions, bm.prefix_cache_hits, bm.prefix_cache_queries)
         self.attention.start_run()
 
@@ -119,6 +164,12 @@ class Engine:
             "num_steps": self.num_steps,
             "batch_sizes": list(self.batch_sizes),
             "tokens_per_step": list(self.tokens_per_step),
+            **({} if self.proposer is None else {"speculative": {
+                "num_speculative_tokens": self.proposer.num_speculative_tokens, "proposed": self.num_proposed,
+                "accepted": self.num_accepted,
+                "acceptance_rate": self.num_accepted / self.num_proposed if self.num_proposed else 0.0,
+                "mean_accepted_per_verification": self.num_accepted / self.num_verified if self.num_verified else 0.0,
+            }}),
             # Last, so a backend may say more precisely what it computed (a contiguous batch counts its idle rows).
             **self.attention.stats(),
         }

@@ -49,6 +49,28 @@ ATTENTION_BACKENDS = ("auto", *KERNELS)
 Prompt = str | list[int] | list[dict[str, str]]
 
 
+def make_proposer(config: dict, kv_cache: str):
+    """The proposer a ``speculative_config`` asks for (vLLM's keys): {"method": "ngram", "num_speculative_tokens": k,
+    "prompt_lookup_max": n, "prompt_lookup_min": m}. Speculation verifies guesses in the paged engine only."""
+    from minillm.spec.proposers import NgramProposer
+
+    if not isinstance(config, dict):
+        raise ValueError(f"speculative_config must be a dict, got {type(config).__name__}")
+    if kv_cache != "paged":
+        raise ValueError(f"speculative decoding needs kv_cache='paged', got kv_cache={kv_cache!r}")
+    method = config.get("method")
+    if method != "ngram":
+        raise ValueError(f"unknown speculative method {method!r}; available: 'ngram'")
+    allowed = {"method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"}
+    unknown = sorted(set(config) - allowed)
+    if unknown:
+        raise ValueError(f"unknown speculative_config keys {unknown}; allowed: {sorted(allowed)}")
+    if "num_speculative_tokens" not in config:
+        raise ValueError("speculative_config needs num_speculative_tokens (how many tokens to guess per step)")
+    return NgramProposer(config["num_speculative_tokens"], config.get("prompt_lookup_max", 3),
+                         config.get("prompt_lookup_min", 1))
+
+
 class LLM:
     def __init__(
         self,
@@ -67,6 +89,7 @@ class LLM:
         max_model_len: int | None = None,
         tokenizer: Any = None,
         kv_cache_dtype: str | None = None,
+        speculative_config: dict | None = None,
     ):
         if kv_cache not in KV_CACHES:
             raise ValueError(f"unknown kv_cache {kv_cache!r}; choose one of {KV_CACHES}")
@@ -106,10 +129,12 @@ class LLM:
         self.max_model_len = check_max_model_len(max_model_len, self.config.max_position_embeddings)
         self.eos_token_ids = sorted(set(self.config.eos_token_ids) | {t for t in [self.tokenizer.eos_token_id] if t is not None})
         self.kv_cache = kv_cache
+        proposer = None if speculative_config is None else make_proposer(speculative_config, kv_cache)
         self.engine = self._make_engine(
             kv_cache, scheduler=scheduler, block_size=block_size, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, num_kv_blocks=num_kv_blocks,
             enable_prefix_caching=enable_prefix_caching, kv_cache_dtype=kv_cache_dtype,
+            **({} if proposer is None else {"proposer": proposer}),
         )
         self._seq_ids = itertools.count()
         self._request_ids = itertools.count()

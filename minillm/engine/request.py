@@ -66,6 +66,7 @@ class Sequence:
     finish_reason: str | None = None  # "length", "stop" or "aborted"
     text: str = ""
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache (paged engine)
+    spec_token_ids: list[int] = field(default_factory=list)  # this step's guesses (speculative decoding, chapter 09)
     num_preemptions: int = 0
     arrival_time: float = field(default_factory=time.perf_counter)
     first_token_time: float | None = None

@@ -104,3 +104,11 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
         probs = row.softmax(dim=-1).cpu()
         tokens[i] = int(torch.multinomial(probs, 1, generator=gen).item())
     return tokens
+
+
+@torch.no_grad()
+def sampling_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution ``sample`` draws from, for every row of one sequence's logits (R, V) -> (R, V) float32:
+    tempered, top-k and top-p filtered, softmaxed. Speculative sampling (chapter 09) verifies guesses against it."""
+    rows = apply_top_p(apply_top_k(logits.float() / params.temperature, params.top_k), params.top_p)
+    return rows.softmax(dim=-1)

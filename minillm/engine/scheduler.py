@@ -44,8 +44,10 @@ class SchedulerOutput:
         return sum(self.num_new_tokens)
 
     def is_last_chunk(self, i: int) -> bool:
-        """True when sequence i's known tokens are all computed after this step: its last row gives logits."""
-        return self.seqs[i].num_computed_tokens + self.num_new_tokens[i] == self.seqs[i].num_tokens
+        """True when sequence i's known tokens (and its guesses, if it speculates) are all computed after this step:
+        its last rows give logits (one, or one per guess and one more)."""
+        seq = self.seqs[i]
+        return seq.num_computed_tokens + self.num_new_tokens[i] == seq.num_tokens + len(seq.spec_token_ids)
 
 
 def whole_sequence_scheduler(max_num_seqs: int, max_model_len: int, policy: str) -> Scheduler:
@@ -135,13 +137,17 @@ class Scheduler:
         decodes = [s for s in self.running if s.num_tokens - s.num_computed_tokens == 1]
         prefills = [s for s in self.running if s.num_tokens - s.num_computed_tokens > 1]
         for seq in decodes:  # 1. decodes: each needs one slot, maybe a fresh block; make room by preempting
+            guesses = len(seq.spec_token_ids)  # speculative decoding: guesses ride along only if they fit as they are
+            if guesses and (1 + guesses > budget or not bm.can_allocate(
+                    bm.num_blocks_needed(seq.seq_id, seq.num_tokens + guesses))):
+                seq.spec_token_ids = []
             while seq.status == Status.RUNNING and not bm.can_allocate(bm.num_blocks_needed(seq.seq_id, seq.num_tokens)):
                 scheduled = {s.seq_id for s in out.seqs}
                 victim = next(s for s in reversed(self.running) if s.seq_id not in scheduled)  # newest; maybe seq
                 self._preempt(victim, out)
             if seq.status == Status.RUNNING:
-                self._schedule(seq, 1, out)
-                budget -= 1
+                self._schedule(seq, 1 + len(seq.spec_token_ids), out)
+                budget -= 1 + len(seq.spec_token_ids)
         memory_short = bool(out.preempted)
         for seq in prefills:  # 2. unfinished prompts continue (a chunk never preempts anyone: it waits)
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
@@ -196,7 +202,7 @@ class Scheduler:
         """Free all of seq's blocks and send it to the front of the queue; it will be recomputed from its tokens."""
         self.block_manager.free(seq.seq_id)
         self.running.remove(seq)
-        seq.status, seq.num_computed_tokens = Status.PREEMPTED, 0
+        seq.status, seq.num_computed_tokens, seq.spec_token_ids = Status.PREEMPTED, 0, []
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)

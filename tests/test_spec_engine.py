@@ -1,0 +1,134 @@
+"""Speculative decoding in the paged engine: greedy output identical to plain decoding, alone and in mixed batches,
+under preemption and with prefix caching; seeded sampling that does not depend on the batch; every block returned.
+
+A tiny random model decodes into loops quickly, so prompt lookup gets guesses accepted and rejected alike.
+"""
+
+import pytest
+import torch
+
+import minillm
+from minillm import SamplingParams
+
+
+@pytest.fixture
+def tiny_model():
+    """A tiny random Llama whose layers matter (with the default init every position repeats its own token, which
+    prompt lookup would always guess right): varied greedy text, so guesses are accepted and rejected."""
+    from minillm.config import ModelConfig
+    from minillm.model import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.tiny()).eval()
+    with torch.no_grad():
+        model.embed_tokens.weight.normal_(0, 0.3)
+        for p in model.layers.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.1)
+    return model
+
+
+class FakeTokenizer:
+    eos_token_id, pad_token_id = 2, 0
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(f"<{i}>" for i in ids)
+
+
+def prompts(num, seed=0):
+    """Half repetitive (a short pattern repeated: prompt lookup shines), half random."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(num):
+        if i % 2 == 0:
+            pattern = torch.randint(3, 256, (int(torch.randint(2, 6, (1,), generator=g)),), generator=g).tolist()
+            out.append((pattern * 8)[: int(torch.randint(6, 30, (1,), generator=g))])
+        else:
+            out.append(torch.randint(3, 256, (int(torch.randint(1, 30, (1,), generator=g)),), generator=g).tolist())
+    return out
+
+
+def spec(k=4, **extra):
+    return {"method": "ngram", "num_speculative_tokens": k, **extra}
+
+
+def token_ids(llm, ps, params):
+    return [o.token_ids for o in llm.generate(ps, params, use_tqdm=False)]
+
+
+GREEDY = SamplingParams(max_tokens=24, ignore_eos=True)
+
+
+@pytest.mark.parametrize("k", [1, 3, 6])
+def test_greedy_speculation_gives_exactly_the_plain_tokens(tiny_model, k):
+    ps = prompts(8)
+    plain = token_ids(minillm.LLM(tiny_model, tokenizer=FakeTokenizer()), ps, GREEDY)
+    llm = minillm.LLM(tiny_model, tokenizer=FakeTokenizer(), speculative_config=spec(k), max_num_seqs=8)
+    assert token_ids(llm, ps, GREEDY) == plain
+    stats = llm.stats()
+    s = stats["speculative"]
+    assert 0 < s["accepted"] <= s["proposed"], s
+    assert k == 1 or s["accepted"] < s["proposed"], s  # longer guesses also get rejected: both paths ran
+    assert stats["num_steps"] < 24 + 1  # fewer steps than one token at a time
+    assert stats["kv_blocks_used"] == 0  # every block returned, guesses' blocks included
+    for p in ps[:3]:  # alone too
+        assert token_ids(llm, [p], GREEDY) == [plain[ps.index(p)]]
+
+
+def test_greedy_speculation_under_preemption_and_prefix_caching(tiny_model):
+    ps = prompts(8, seed=1)
+    ps += [ps[0][:], ps[2] + ps[2]]  # shared prefixes for the prefix cache
+    plain = token_ids(minillm.LLM(tiny_model, tokenizer=FakeTokenizer(), kv_cache="none"), ps, GREEDY)
+    llm = minillm.LLM(tiny_model, tokenizer=FakeTokenizer(), speculative_config=spec(5), block_size=4,
+                      num_kv_blocks=24, max_num_batched_tokens=32, max_num_seqs=8)
+    assert token_ids(llm, ps, GREEDY) == plain
+    stats = llm.stats()
+    assert stats["num_preemptions"] > 0 and stats["prefix_cache_hit_rate"] > 0, stats
+    assert stats["kv_blocks_used"] == 0
+    bm = llm.engine.block_manager
+    assert all(r == 0 for r in bm.ref_counts) and bm.num_free_blocks == bm.num_blocks
+
+
+def test_stop_conditions_inside_accepted_guesses(tiny_model):
+    """A sequence that hits max_tokens or a stop token among its accepted guesses stops exactly there."""
+    ps = prompts(6, seed=2)
+    base = minillm.LLM(tiny_model, tokenizer=FakeTokenizer())
+    llm = minillm.LLM(tiny_model, tokenizer=FakeTokenizer(), speculative_config=spec(6))
+    for max_tokens in [1, 2, 5, 9]:
+        params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+        assert token_ids(llm, ps, params) == token_ids(base, ps, params)
+    plain = token_ids(base, ps, GREEDY)
+    stop = [SamplingParams(max_tokens=24, ignore_eos=True, stop_token_ids=[toks[5]]) for toks in plain]
+    assert token_ids(llm, ps, stop) == token_ids(base, ps, stop)
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch(tiny_model):
+    ps = prompts(6, seed=3)
+    params = [SamplingParams(max_tokens=16, temperature=0.8, top_k=20, seed=100 + i, ignore_eos=True)
+              for i in range(len(ps))]
+    llm = minillm.LLM(tiny_model, tokenizer=FakeTokenizer(), speculative_config=spec(4))
+    together = token_ids(llm, ps, params)
+    alone = [token_ids(llm, [p], [sp])[0] for p, sp in zip(ps, params)]
+    assert together == alone
+    assert token_ids(llm, ps, params) == together  # and reproducible
+    assert llm.stats()["kv_blocks_used"] == 0
+
+
+def test_bad_speculative_configs_are_refused(tiny_model):
+    tok = FakeTokenizer()
+    with pytest.raises(ValueError, match="kv_cache='paged'"):
+        minillm.LLM(tiny_model, tokenizer=tok, kv_cache="contiguous", speculative_config=spec())
+    with pytest.raises(ValueError, match="unknown speculative method"):
+        minillm.LLM(tiny_model, tokenizer=tok, speculative_config={"method": "medusa", "num_speculative_tokens": 2})
+    with pytest.raises(ValueError, match="num_speculative_tokens"):
+        minillm.LLM(tiny_model, tokenizer=tok, speculative_config=spec(0))
+    with pytest.raises(ValueError, match="num_speculative_tokens"):
+        minillm.LLM(tiny_model, tokenizer=tok, speculative_config={"method": "ngram"})
+    with pytest.raises(ValueError, match="unknown speculative_config keys"):
+        minillm.LLM(tiny_model, tokenizer=tok, speculative_config=spec(2, draft="x"))
+    with pytest.raises(ValueError, match="prompt_lookup"):
+        minillm.LLM(tiny_model, tokenizer=tok, speculative_config=spec(2, prompt_lookup_min=3, prompt_lookup_max=2))
+    llm = minillm.LLM(tiny_model, tokenizer=tok, speculative_config=spec(2))
+    with pytest.raises(ValueError, match="n=2"):
+        llm.generate([[5, 6, 7]], SamplingParams(max_tokens=4, n=2, temperature=1.0))
+    assert llm.stats()["kv_blocks_used"] == 0
