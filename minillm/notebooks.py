@@ -149,8 +149,10 @@ def progress_bars(nb: nbformat.NotebookNode) -> list[str]:
 def drop_progress_bars(nb: nbformat.NotebookNode) -> None:
     """Remove progress-bar outputs (tqdm widgets, \\r-redrawn stderr lines); keep everything else as it ran."""
     for cell in nb.cells:
+        if cell.cell_type != "code":  # only code cells have outputs (nbformat refuses the key elsewhere)
+            continue
         kept = []
-        for output in cell.get("outputs", []):
+        for output in cell.outputs:
             if output.output_type == "stream" and output.name == "stderr":
                 lines = [line for line in re.split(r"(?<=\n)|\r", output.text) if not PROGRESS_BAR.search(line)]
                 output.text = "".join(lines)

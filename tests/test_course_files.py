@@ -57,10 +57,16 @@ def test_drop_progress_bars_keeps_everything_else():
         ),
         nbformat.v4.new_output("stream", name="stdout", text="42\n"),
     ]
-    nb.cells = [cell]
+    nb.cells = [cell, nbformat.v4.new_markdown_cell("text")]
     notebooks.drop_progress_bars(nb)
     assert [o.get("text") for o in cell.outputs] == ["a real warning\n", "42\n"]
     assert not notebooks.progress_bars(nb)
+    nbformat.validate(nb)  # a markdown cell gets no outputs key (it once did, and Jupyter calls that invalid)
+
+
+@pytest.mark.parametrize("path", ALL_NOTEBOOKS, ids=[f"{p.parent.name}/{p.name}" for p in ALL_NOTEBOOKS])
+def test_every_notebook_is_valid_nbformat(path):
+    nbformat.validate(course.read_notebook(path))
 
 
 KERNEL_CLAIM = re.compile(r"kernel[^\n]*(==|\bmatch)", re.IGNORECASE)
