@@ -9,6 +9,8 @@ import torch
 
 import minillm
 from minillm import SamplingParams
+from minillm.engine.request import Sequence
+from minillm.spec.proposers import Proposer
 
 
 @pytest.fixture
@@ -49,7 +51,8 @@ def prompts(num, seed=0):
 
 
 def spec(k=4, **extra):
-    return {"method": "ngram", "num_speculative_tokens": k, **extra}
+    """Prompt lookup that always speculates (min_expected_tokens 0), so every path runs on every step."""
+    return {"method": "ngram", "num_speculative_tokens": k, "min_expected_tokens": 0, **extra}
 
 
 def token_ids(llm, ps, params):
@@ -126,9 +129,47 @@ def test_bad_speculative_configs_are_refused(tiny_model):
         minillm.LLM(tiny_model, tokenizer=tok, speculative_config={"method": "ngram"})
     with pytest.raises(ValueError, match="unknown speculative_config keys"):
         minillm.LLM(tiny_model, tokenizer=tok, speculative_config=spec(2, draft="x"))
+    with pytest.raises(ValueError, match="cannot fit"):
+        minillm.LLM(tiny_model, tokenizer=tok, max_model_len=8, speculative_config=spec(8))
+    with pytest.raises(ValueError, match="min_expected_tokens"):
+        minillm.LLM(tiny_model, tokenizer=tok, speculative_config=spec(2, min_expected_tokens=4))
     with pytest.raises(ValueError, match="prompt_lookup"):
         minillm.LLM(tiny_model, tokenizer=tok, speculative_config=spec(2, prompt_lookup_min=3, prompt_lookup_max=2))
     llm = minillm.LLM(tiny_model, tokenizer=tok, speculative_config=spec(2))
     with pytest.raises(ValueError, match="n=2"):
         llm.generate([[5, 6, 7]], SamplingParams(max_tokens=4, n=2, temperature=1.0))
     assert llm.stats()["kv_blocks_used"] == 0
+
+
+class ConstantProposer(Proposer):
+    """Always guesses the same token: on random text its guesses fail, on that token repeated they all hold."""
+
+    def guess(self, seqs, budgets):
+        return [([3] * k, None) for k in budgets]
+
+
+def test_speculation_turns_itself_down_when_guesses_fail(tiny_model):
+    """Guesses that keep failing: after a verification or two a sequence decodes plainly, probing after 8, 16, 32,
+    64 plain steps; guesses that hold keep it speculating. The output is the plain one either way."""
+    ps, params = prompts(4, seed=5), SamplingParams(max_tokens=64, ignore_eos=True)
+    plain = token_ids(minillm.LLM(tiny_model, tokenizer=FakeTokenizer()), ps, params)
+    llm = minillm.LLM(tiny_model, tokenizer=FakeTokenizer(), speculative_config=spec(4))
+    llm.engine.proposer = ConstantProposer(4, min_expected_tokens=1.5)
+    assert token_ids(llm, ps, params) == plain
+    s = llm.stats()["speculative"]
+    assert s["acceptance_rate"] < 0.1, s
+    # Per sequence: the first verification (no evidence yet), then probes after 8, 16 and 32 plain steps.
+    assert s["verification_steps"] <= 4 * 4, s
+
+    proposer = ConstantProposer(4, min_expected_tokens=1.5)
+    seq = Sequence(0, "r", [5, 6], SamplingParams(max_tokens=200), eos_token_ids=[2], max_model_len=1024)
+    proposer.evidence.clear()
+    verified_at = []
+    for step in range(130):
+        if proposer.worth_speculating(seq):
+            verified_at.append(step)
+            proposer.observe(seq, 4, 0)
+    assert verified_at == [0, 8, 24, 56, 120], verified_at  # every guess fails: probes 8, 16, 32, 64 steps apart
+    for _ in range(3):  # guesses that start to hold: speculation resumes at the next probe and stays on
+        proposer.observe(seq, 4, 4)
+    assert proposer.acceptance_estimate(0) > 0.8 and proposer.worth_speculating(seq)

@@ -50,7 +50,9 @@ class Engine:
         return self.scheduler.has_unfinished()
 
     def abort(self, request_id: str) -> list[Sequence]:
-        return self.scheduler.abort(request_id)
+        aborted = self.scheduler.abort(request_id)
+        self._forget_stopped()
+        return aborted
 
     def step(self) -> list[Sequence]:
         """One iteration: returns the sequences that got a token (possibly finishing).
@@ -62,13 +64,18 @@ class Engine:
             return self._step()
         except BaseException:
             self.scheduler.preempt_all()
+            self._forget_stopped()
             raise
+
+    def _forget_stopped(self) -> None:
+        """The proposer drops what it kept for sequences no longer running (a draft model's KV blocks)."""
+        if self.proposer is not None:
+            self.proposer.forget({s.seq_id for s in self.scheduler.running})
 
     def _step(self) -> list[Sequence]:
         if self.proposer is not None:  # guesses for every decoding sequence; the scheduler keeps those that fit
-            for seq in self.scheduler.running:
-                if not seq.is_finished and seq.num_tokens - seq.num_computed_tokens == 1:
-                    seq.spec_token_ids = self.proposer.propose(seq)
+            self.proposer.propose([s for s in self.scheduler.running
+                                   if not s.is_finished and s.num_tokens - s.num_computed_tokens == 1])
         out = self.last_step = self.scheduler.schedule()
         assert out.seqs or not self.has_unfinished(), "scheduler made no progress with requests pending"
         if not out.seqs:
@@ -104,6 +111,7 @@ class Engine:
             for seq in self.scheduler.running:
                 seq.num_computed_tokens = 0
         self.scheduler.free_finished()
+        self._forget_stopped()
         return sampled
 
     def _verify(self, seq: Sequence, logits: torch.Tensor) -> int:
@@ -112,12 +120,14 @@ class Engine:
         from minillm.engine.sampling import sampling_probs
         from minillm.spec.verify import greedy_accept, rejection_sample
 
-        guesses, seq.spec_token_ids = seq.spec_token_ids, []
+        guesses, draft_probs = seq.spec_token_ids, seq.spec_draft_probs
+        seq.spec_token_ids, seq.spec_draft_probs = [], None
         if seq.params.is_greedy:
             emitted = greedy_accept(guesses, logits.argmax(dim=-1).tolist())
         else:
-            emitted = rejection_sample(guesses, sampling_probs(logits, seq.params), None, seq.generator)
+            emitted = rejection_sample(guesses, sampling_probs(logits, seq.params), draft_probs, seq.generator)
         accepted = len(emitted) - 1  # the last emitted token is the target's own (a correction or a bonus)
+        self.proposer.observe(seq, len(guesses), accepted)
         self.num_verified, self.num_proposed, self.num_accepted = (
             self.num_verified + 1, self.num_proposed + len(guesses), self.num_accepted + accepted)
         appended = 0
@@ -166,7 +176,7 @@ class Engine:
             "tokens_per_step": list(self.tokens_per_step),
             **({} if self.proposer is None else {"speculative": {
                 "num_speculative_tokens": self.proposer.num_speculative_tokens, "proposed": self.num_proposed,
-                "accepted": self.num_accepted,
+                "accepted": self.num_accepted, "verification_steps": self.num_verified,
                 "acceptance_rate": self.num_accepted / self.num_proposed if self.num_proposed else 0.0,
                 "mean_accepted_per_verification": self.num_accepted / self.num_verified if self.num_verified else 0.0,
             }}),

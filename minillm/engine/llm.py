@@ -11,6 +11,10 @@ All three are the one engine loop of ``engine/engine.py`` with another attention
 they offer the same five methods: ``add(seq, parent)``, ``step() -> seqs that got a token``, ``abort(request_id)``,
 ``has_unfinished()``, ``stats()``; `generate` and `stream` are written once, here.
 
+``speculative_config`` (paged only, chapter 09, ``minillm/spec/``) gives the engine a proposer: each step it guesses
+a few tokens per decoding sequence and the target verifies them in the same forward pass; the output is what it would
+be without (greedy) or distributed as it would be (sampling).
+
 The request lifecycle cannot leak:
   * each request's `Sequence`s collect its own tokens and text, and every consumer reads only its own requests
     (a stream keeps a cursor into its text), so `generate`, several interleaved `stream`s and other threads can
@@ -47,28 +51,6 @@ SCHEDULERS = ("continuous", "static")
 ATTENTION_BACKENDS = ("auto", *KERNELS)
 
 Prompt = str | list[int] | list[dict[str, str]]
-
-
-def make_proposer(config: dict, kv_cache: str):
-    """The proposer a ``speculative_config`` asks for (vLLM's keys): {"method": "ngram", "num_speculative_tokens": k,
-    "prompt_lookup_max": n, "prompt_lookup_min": m}. Speculation verifies guesses in the paged engine only."""
-    from minillm.spec.proposers import NgramProposer
-
-    if not isinstance(config, dict):
-        raise ValueError(f"speculative_config must be a dict, got {type(config).__name__}")
-    if kv_cache != "paged":
-        raise ValueError(f"speculative decoding needs kv_cache='paged', got kv_cache={kv_cache!r}")
-    method = config.get("method")
-    if method != "ngram":
-        raise ValueError(f"unknown speculative method {method!r}; available: 'ngram'")
-    allowed = {"method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"}
-    unknown = sorted(set(config) - allowed)
-    if unknown:
-        raise ValueError(f"unknown speculative_config keys {unknown}; allowed: {sorted(allowed)}")
-    if "num_speculative_tokens" not in config:
-        raise ValueError("speculative_config needs num_speculative_tokens (how many tokens to guess per step)")
-    return NgramProposer(config["num_speculative_tokens"], config.get("prompt_lookup_max", 3),
-                         config.get("prompt_lookup_min", 1))
 
 
 class LLM:
@@ -129,13 +111,18 @@ class LLM:
         self.max_model_len = check_max_model_len(max_model_len, self.config.max_position_embeddings)
         self.eos_token_ids = sorted(set(self.config.eos_token_ids) | {t for t in [self.tokenizer.eos_token_id] if t is not None})
         self.kv_cache = kv_cache
-        proposer = None if speculative_config is None else make_proposer(speculative_config, kv_cache)
         self.engine = self._make_engine(
             kv_cache, scheduler=scheduler, block_size=block_size, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, num_kv_blocks=num_kv_blocks,
             enable_prefix_caching=enable_prefix_caching, kv_cache_dtype=kv_cache_dtype,
-            **({} if proposer is None else {"proposer": proposer}),
         )
+        if speculative_config is not None:  # chapter 09: guesses verified in the engine loop (minillm/spec/)
+            from minillm.spec.config import make_proposer
+
+            self.engine.proposer = make_proposer(
+                speculative_config, self.model, kv_cache, self.max_model_len, block_size=block_size,
+                num_kv_blocks=self.engine.block_manager.num_blocks if kv_cache == "paged" else 0,
+                max_num_seqs=max_num_seqs, kernel=self.attention_backend)
         self._seq_ids = itertools.count()
         self._request_ids = itertools.count()
         self._lock = threading.RLock()  # one engine, many callers: see "Thread safety" above

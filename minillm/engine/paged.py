@@ -58,7 +58,6 @@ class PagedEngine(Engine):
         enable_chunked_prefill: bool = True,
         max_model_len: int | None = None,
         kv_cache_dtype: str | None = None,
-        proposer=None,
     ):
         cfg, param = model.config, next(model.parameters())
         if kv_cache_dtype not in KV_CACHE_DTYPES:
@@ -78,7 +77,7 @@ class PagedEngine(Engine):
         )
         self.block_manager = BlockManager(num_kv_blocks, block_size, enable_prefix_caching)
         scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens, scheduler, enable_chunked_prefill)
-        super().__init__(model, scheduler, PagedAttention(self.kv_cache, self.block_manager, attention_backend), proposer)
+        super().__init__(model, scheduler, PagedAttention(self.kv_cache, self.block_manager, attention_backend))
 
     def stats(self) -> dict:
         """The engine loop's counts, and the block pool's: blocks in use (now, at the peak, per step), the prefix-cache

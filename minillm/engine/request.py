@@ -67,6 +67,7 @@ class Sequence:
     text: str = ""
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache (paged engine)
     spec_token_ids: list[int] = field(default_factory=list)  # this step's guesses (speculative decoding, chapter 09)
+    spec_draft_probs: torch.Tensor | None = None  # (k, V): the draft distributions of the guesses, or None
     num_preemptions: int = 0
     arrival_time: float = field(default_factory=time.perf_counter)
     first_token_time: float | None = None

@@ -140,7 +140,7 @@ class Scheduler:
             guesses = len(seq.spec_token_ids)  # speculative decoding: guesses ride along only if they fit as they are
             if guesses and (1 + guesses > budget or not bm.can_allocate(
                     bm.num_blocks_needed(seq.seq_id, seq.num_tokens + guesses))):
-                seq.spec_token_ids = []
+                seq.spec_token_ids, seq.spec_draft_probs = [], None
             while seq.status == Status.RUNNING and not bm.can_allocate(bm.num_blocks_needed(seq.seq_id, seq.num_tokens)):
                 scheduled = {s.seq_id for s in out.seqs}
                 victim = next(s for s in reversed(self.running) if s.seq_id not in scheduled)  # newest; maybe seq
@@ -202,7 +202,8 @@ class Scheduler:
         """Free all of seq's blocks and send it to the front of the queue; it will be recomputed from its tokens."""
         self.block_manager.free(seq.seq_id)
         self.running.remove(seq)
-        seq.status, seq.num_computed_tokens, seq.spec_token_ids = Status.PREEMPTED, 0, []
+        seq.status, seq.num_computed_tokens = Status.PREEMPTED, 0
+        seq.spec_token_ids, seq.spec_draft_probs = [], None  # guesses are remade when it decodes again
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)

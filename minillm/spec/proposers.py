@@ -1,16 +1,48 @@
-"""Proposers: where the guesses of speculative decoding come from, behind one small interface.
+"""Proposers: where the guesses of speculative decoding come from, and when guessing is worth it.
 
-A proposer has ``num_speculative_tokens`` (k) and ``propose(seq) -> list[int]``: at most k guesses for the tokens
-after ``seq.token_ids``. The engine (``engine/engine.py``) asks it before each step for every decoding sequence, the
-scheduler lets the guesses ride along when they fit, and the verification (``verify.py``) keeps the ones the target
-agrees with. Never more guesses than the request may still emit: the last token of a step is always the target's own.
-Notebook 09 (``09_speculative_decoding``) compares the proposers.
+A proposer has ``num_speculative_tokens`` (k) and ``propose(seqs)``: before each step the engine
+(``engine/engine.py``) hands it the decoding sequences, and it sets each one's ``spec_token_ids`` (at most k guesses
+for the tokens after ``seq.token_ids``) and ``spec_draft_probs`` (the distributions they were drawn from, or None).
+The scheduler lets the guesses ride along when they fit; the verification (``verify.py``) keeps the ones the target
+agrees with and reports back through ``observe``. Never more guesses than the request may still emit: the last
+token of a step is always the target's own.
+
+In doing so, you will learn about:
+  * why speculation must be able to turn itself down: a verification step feeds k + 1 tokens and costs more than a
+    plain decode step (on a CPU about 1.3x for SmolLM2, because a (k + 1)-row matmul leaves the matrix-vector
+    path), so it pays only while enough guesses are accepted;
+  * estimating the acceptance rate per sequence: each verification shows ``a`` accepted guesses, then one rejection
+    unless all were accepted, so ``alpha = accepted / (accepted + rejections)`` (the maximum-likelihood estimate of
+    a geometric run length), with old evidence decayed so the estimate follows the text as it changes;
+  * the decision: speculate while the expected tokens per step ``(1 - alpha^(k+1)) / (1 - alpha)`` reach
+    ``min_expected_tokens`` (what a verification step costs, in plain steps); otherwise decode plainly and probe
+    again after 8 plain steps, then 16, 32, 64 while probes keep failing, so a sequence that starts copying its
+    prompt is noticed and one that never will costs almost nothing.
+
+``NgramProposer`` guesses by prompt lookup (``ngram.py``); ``draft.DraftModelProposer`` runs a smaller model.
+Notebook 09 (``09_speculative_decoding``) compares them.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from minillm.engine.request import Sequence
 from minillm.spec.ngram import propose_ngram
+from minillm.spec.verify import expected_tokens_per_step
+
+DECAY = 0.8  # weight of older verifications in the acceptance estimate, per verification
+PROBE_EVERY, MAX_PROBE_EVERY = 8, 64  # plain steps before a turned-down sequence verifies again; doubles per failure
+
+
+@dataclass
+class Evidence:
+    """What the verifications of one sequence showed: decayed counts of accepted guesses and of rejections."""
+
+    accepted: float = 0.0
+    rejections: float = 0.0
+    plain_steps: int = 0  # since speculation was turned down or last probed
+    probe_every: int = PROBE_EVERY
 
 
 def guess_budget(seq: Sequence, k: int) -> int:
@@ -20,19 +52,81 @@ def guess_budget(seq: Sequence, k: int) -> int:
     return max(0, min(k, left - 1))
 
 
-class NgramProposer:
-    """Prompt lookup (``ngram.propose_ngram``): no model, guesses copied from earlier in the sequence."""
+def default_min_expected_tokens(device_type: str) -> float:
+    """What a verification step costs, in plain decode steps, with a margin: a GPU reads the weights once for 1 or
+    k + 1 tokens (nearly free extra rows); a CPU leaves its matrix-vector path (measured ~1.3x in notebook 09)."""
+    return 1.2 if device_type == "cuda" else 1.5
 
-    def __init__(self, num_speculative_tokens: int, prompt_lookup_max: int = 3, prompt_lookup_min: int = 1):
+
+class Proposer:
+    """k, the per-sequence acceptance estimate and the turn-down rule; subclasses implement ``guess``."""
+
+    def __init__(self, num_speculative_tokens: int, min_expected_tokens: float = 1.5):
         if not isinstance(num_speculative_tokens, int) or num_speculative_tokens < 1:
             raise ValueError(f"num_speculative_tokens must be an int >= 1, got {num_speculative_tokens!r}")
+        if not 0 <= min_expected_tokens <= num_speculative_tokens + 1:
+            raise ValueError(f"min_expected_tokens must lie in [0, k + 1 = {num_speculative_tokens + 1}] (a step "
+                             f"emits at most k + 1 tokens; 0 always speculates), got {min_expected_tokens}")
+        self.num_speculative_tokens, self.min_expected_tokens = num_speculative_tokens, min_expected_tokens
+        self.evidence: dict[int, Evidence] = {}  # per running sequence
+
+    def acceptance_estimate(self, seq_id: int) -> float:
+        """accepted / (accepted + rejections), decayed; 1.0 before any evidence (try speculating first)."""
+        ev = self.evidence.get(seq_id, Evidence())
+        return 1.0 if ev.accepted + ev.rejections == 0 else ev.accepted / (ev.accepted + ev.rejections)
+
+    def worth_speculating(self, seq: Sequence) -> bool:
+        ev = self.evidence.setdefault(seq.seq_id, Evidence())
+        alpha = self.acceptance_estimate(seq.seq_id)
+        if expected_tokens_per_step(alpha, self.num_speculative_tokens) >= self.min_expected_tokens:
+            ev.plain_steps, ev.probe_every = 0, PROBE_EVERY
+            return True
+        ev.plain_steps += 1
+        if ev.plain_steps >= ev.probe_every:  # a probe: verify once more, to notice when guessing starts to pay
+            ev.plain_steps, ev.probe_every = 0, min(2 * ev.probe_every, MAX_PROBE_EVERY)
+            return True
+        return False
+
+    def observe(self, seq: Sequence, num_proposed: int, num_accepted: int) -> None:
+        """The verification kept `num_accepted` of `num_proposed` guesses (then one rejection, if any was rejected)."""
+        ev = self.evidence.setdefault(seq.seq_id, Evidence())
+        ev.accepted = DECAY * ev.accepted + num_accepted
+        ev.rejections = DECAY * ev.rejections + (num_accepted < num_proposed)
+
+    def propose(self, seqs: list[Sequence]) -> None:
+        """Set ``spec_token_ids`` / ``spec_draft_probs`` of every sequence in `seqs` (the decoding ones)."""
+        chosen, budgets = [], []
+        for seq in seqs:
+            seq.spec_token_ids, seq.spec_draft_probs = [], None
+            k = guess_budget(seq, self.num_speculative_tokens)
+            if k and self.worth_speculating(seq):
+                chosen.append(seq)
+                budgets.append(k)
+        if chosen:
+            for seq, (tokens, probs) in zip(chosen, self.guess(chosen, budgets)):
+                seq.spec_token_ids, seq.spec_draft_probs = tokens, probs
+
+    def guess(self, seqs: list[Sequence], budgets: list[int]) -> list[tuple[list[int], object]]:
+        """For each sequence at most `budget` guesses, and their draft distributions (budget, V) or None."""
+        raise NotImplementedError
+
+    def forget(self, live: set[int]) -> None:
+        """Drop the state of every sequence not in `live` (finished, aborted or preempted: the engine calls this)."""
+        for seq_id in [i for i in self.evidence if i not in live]:
+            del self.evidence[seq_id]
+
+
+class NgramProposer(Proposer):
+    """Prompt lookup (``ngram.propose_ngram``): no model, guesses copied from earlier in the sequence."""
+
+    def __init__(self, num_speculative_tokens: int, prompt_lookup_max: int = 3, prompt_lookup_min: int = 1,
+                 min_expected_tokens: float = 1.5):
+        super().__init__(num_speculative_tokens, min_expected_tokens)
         if not (isinstance(prompt_lookup_min, int) and isinstance(prompt_lookup_max, int)
                 and 1 <= prompt_lookup_min <= prompt_lookup_max):
             raise ValueError(f"need ints 1 <= prompt_lookup_min <= prompt_lookup_max, got {prompt_lookup_min!r} and "
                              f"{prompt_lookup_max!r}")
-        self.num_speculative_tokens = num_speculative_tokens
         self.max_n, self.min_n = prompt_lookup_max, prompt_lookup_min
 
-    def propose(self, seq: Sequence) -> list[int]:
-        k = guess_budget(seq, self.num_speculative_tokens)
-        return propose_ngram(seq.token_ids, k, self.max_n, self.min_n) if k else []
+    def guess(self, seqs: list[Sequence], budgets: list[int]) -> list[tuple[list[int], None]]:
+        return [(propose_ngram(seq.token_ids, k, self.max_n, self.min_n), None) for seq, k in zip(seqs, budgets)]
