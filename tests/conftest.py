@@ -53,3 +53,20 @@ def hf_smollm():
     return AutoModelForCausalLM.from_pretrained(
         str(path.parent), gguf_file=path.name, dtype=torch.float32, trust_remote_code=False
     ).eval()
+
+
+@pytest.fixture
+def varied_model():
+    """A tiny random Llama whose layers matter (with the default init every position repeats its own token, which
+    prompt lookup would always guess right): varied greedy text, so guesses are accepted and rejected."""
+    from minillm.config import ModelConfig
+    from minillm.model import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.tiny()).eval()
+    with torch.no_grad():
+        model.embed_tokens.weight.normal_(0, 0.3)
+        for p in model.layers.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.1)
+    return model

@@ -13,23 +13,6 @@ from minillm.engine.request import Sequence
 from minillm.spec.proposers import Proposer
 
 
-@pytest.fixture
-def tiny_model():
-    """A tiny random Llama whose layers matter (with the default init every position repeats its own token, which
-    prompt lookup would always guess right): varied greedy text, so guesses are accepted and rejected."""
-    from minillm.config import ModelConfig
-    from minillm.model import Transformer
-
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig.tiny()).eval()
-    with torch.no_grad():
-        model.embed_tokens.weight.normal_(0, 0.3)
-        for p in model.layers.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.1)
-    return model
-
-
 class FakeTokenizer:
     eos_token_id, pad_token_id = 2, 0
 
@@ -63,10 +46,10 @@ GREEDY = SamplingParams(max_tokens=24, ignore_eos=True)
 
 
 @pytest.mark.parametrize("k", [1, 3, 6])
-def test_greedy_speculation_gives_exactly_the_plain_tokens(tiny_model, k):
+def test_greedy_speculation_gives_exactly_the_plain_tokens(varied_model, k):
     ps = prompts(8)
-    plain = token_ids(minillm.LLM(tiny_model, tokenizer=FakeTokenizer()), ps, GREEDY)
-    llm = minillm.LLM(tiny_model, tokenizer=FakeTokenizer(), speculative_config=spec(k), max_num_seqs=8)
+    plain = token_ids(minillm.LLM(varied_model, tokenizer=FakeTokenizer()), ps, GREEDY)
+    llm = minillm.LLM(varied_model, tokenizer=FakeTokenizer(), speculative_config=spec(k), max_num_seqs=8)
     assert token_ids(llm, ps, GREEDY) == plain
     stats = llm.stats()
     s = stats["speculative"]
@@ -78,11 +61,11 @@ def test_greedy_speculation_gives_exactly_the_plain_tokens(tiny_model, k):
         assert token_ids(llm, [p], GREEDY) == [plain[ps.index(p)]]
 
 
-def test_greedy_speculation_under_preemption_and_prefix_caching(tiny_model):
+def test_greedy_speculation_under_preemption_and_prefix_caching(varied_model):
     ps = prompts(8, seed=1)
     ps += [ps[0][:], ps[2] + ps[2]]  # shared prefixes for the prefix cache
-    plain = token_ids(minillm.LLM(tiny_model, tokenizer=FakeTokenizer(), kv_cache="none"), ps, GREEDY)
-    llm = minillm.LLM(tiny_model, tokenizer=FakeTokenizer(), speculative_config=spec(5), block_size=4,
+    plain = token_ids(minillm.LLM(varied_model, tokenizer=FakeTokenizer(), kv_cache="none"), ps, GREEDY)
+    llm = minillm.LLM(varied_model, tokenizer=FakeTokenizer(), speculative_config=spec(5), block_size=4,
                       num_kv_blocks=24, max_num_batched_tokens=32, max_num_seqs=8)
     assert token_ids(llm, ps, GREEDY) == plain
     stats = llm.stats()
@@ -92,11 +75,11 @@ def test_greedy_speculation_under_preemption_and_prefix_caching(tiny_model):
     assert all(r == 0 for r in bm.ref_counts) and bm.num_free_blocks == bm.num_blocks
 
 
-def test_stop_conditions_inside_accepted_guesses(tiny_model):
+def test_stop_conditions_inside_accepted_guesses(varied_model):
     """A sequence that hits max_tokens or a stop token among its accepted guesses stops exactly there."""
     ps = prompts(6, seed=2)
-    base = minillm.LLM(tiny_model, tokenizer=FakeTokenizer())
-    llm = minillm.LLM(tiny_model, tokenizer=FakeTokenizer(), speculative_config=spec(6))
+    base = minillm.LLM(varied_model, tokenizer=FakeTokenizer())
+    llm = minillm.LLM(varied_model, tokenizer=FakeTokenizer(), speculative_config=spec(6))
     for max_tokens in [1, 2, 5, 9]:
         params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
         assert token_ids(llm, ps, params) == token_ids(base, ps, params)
@@ -105,11 +88,11 @@ def test_stop_conditions_inside_accepted_guesses(tiny_model):
     assert token_ids(llm, ps, stop) == token_ids(base, ps, stop)
 
 
-def test_seeded_sampling_does_not_depend_on_the_batch(tiny_model):
+def test_seeded_sampling_does_not_depend_on_the_batch(varied_model):
     ps = prompts(6, seed=3)
     params = [SamplingParams(max_tokens=16, temperature=0.8, top_k=20, seed=100 + i, ignore_eos=True)
               for i in range(len(ps))]
-    llm = minillm.LLM(tiny_model, tokenizer=FakeTokenizer(), speculative_config=spec(4))
+    llm = minillm.LLM(varied_model, tokenizer=FakeTokenizer(), speculative_config=spec(4))
     together = token_ids(llm, ps, params)
     alone = [token_ids(llm, [p], [sp])[0] for p, sp in zip(ps, params)]
     assert together == alone
@@ -117,25 +100,25 @@ def test_seeded_sampling_does_not_depend_on_the_batch(tiny_model):
     assert llm.stats()["kv_blocks_used"] == 0
 
 
-def test_bad_speculative_configs_are_refused(tiny_model):
+def test_bad_speculative_configs_are_refused(varied_model):
     tok = FakeTokenizer()
     with pytest.raises(ValueError, match="kv_cache='paged'"):
-        minillm.LLM(tiny_model, tokenizer=tok, kv_cache="contiguous", speculative_config=spec())
+        minillm.LLM(varied_model, tokenizer=tok, kv_cache="contiguous", speculative_config=spec())
     with pytest.raises(ValueError, match="unknown speculative method"):
-        minillm.LLM(tiny_model, tokenizer=tok, speculative_config={"method": "medusa", "num_speculative_tokens": 2})
+        minillm.LLM(varied_model, tokenizer=tok, speculative_config={"method": "medusa", "num_speculative_tokens": 2})
     with pytest.raises(ValueError, match="num_speculative_tokens"):
-        minillm.LLM(tiny_model, tokenizer=tok, speculative_config=spec(0))
+        minillm.LLM(varied_model, tokenizer=tok, speculative_config=spec(0))
     with pytest.raises(ValueError, match="num_speculative_tokens"):
-        minillm.LLM(tiny_model, tokenizer=tok, speculative_config={"method": "ngram"})
+        minillm.LLM(varied_model, tokenizer=tok, speculative_config={"method": "ngram"})
     with pytest.raises(ValueError, match="unknown speculative_config keys"):
-        minillm.LLM(tiny_model, tokenizer=tok, speculative_config=spec(2, draft="x"))
+        minillm.LLM(varied_model, tokenizer=tok, speculative_config=spec(2, draft="x"))
     with pytest.raises(ValueError, match="cannot fit"):
-        minillm.LLM(tiny_model, tokenizer=tok, max_model_len=8, speculative_config=spec(8))
+        minillm.LLM(varied_model, tokenizer=tok, max_model_len=8, speculative_config=spec(8))
     with pytest.raises(ValueError, match="min_expected_tokens"):
-        minillm.LLM(tiny_model, tokenizer=tok, speculative_config=spec(2, min_expected_tokens=4))
+        minillm.LLM(varied_model, tokenizer=tok, speculative_config=spec(2, min_expected_tokens=4))
     with pytest.raises(ValueError, match="prompt_lookup"):
-        minillm.LLM(tiny_model, tokenizer=tok, speculative_config=spec(2, prompt_lookup_min=3, prompt_lookup_max=2))
-    llm = minillm.LLM(tiny_model, tokenizer=tok, speculative_config=spec(2))
+        minillm.LLM(varied_model, tokenizer=tok, speculative_config=spec(2, prompt_lookup_min=3, prompt_lookup_max=2))
+    llm = minillm.LLM(varied_model, tokenizer=tok, speculative_config=spec(2))
     with pytest.raises(ValueError, match="n=2"):
         llm.generate([[5, 6, 7]], SamplingParams(max_tokens=4, n=2, temperature=1.0))
     assert llm.stats()["kv_blocks_used"] == 0
@@ -148,12 +131,12 @@ class ConstantProposer(Proposer):
         return [([3] * k, None) for k in budgets]
 
 
-def test_speculation_turns_itself_down_when_guesses_fail(tiny_model):
+def test_speculation_turns_itself_down_when_guesses_fail(varied_model):
     """Guesses that keep failing: after a verification or two a sequence decodes plainly, probing after 8, 16, 32,
     64 plain steps; guesses that hold keep it speculating. The output is the plain one either way."""
     ps, params = prompts(4, seed=5), SamplingParams(max_tokens=64, ignore_eos=True)
-    plain = token_ids(minillm.LLM(tiny_model, tokenizer=FakeTokenizer()), ps, params)
-    llm = minillm.LLM(tiny_model, tokenizer=FakeTokenizer(), speculative_config=spec(4))
+    plain = token_ids(minillm.LLM(varied_model, tokenizer=FakeTokenizer()), ps, params)
+    llm = minillm.LLM(varied_model, tokenizer=FakeTokenizer(), speculative_config=spec(4))
     llm.engine.proposer = ConstantProposer(4, min_expected_tokens=1.5)
     assert token_ids(llm, ps, params) == plain
     s = llm.stats()["speculative"]

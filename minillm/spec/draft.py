@@ -93,10 +93,12 @@ class DraftModelProposer(Proposer):
                 bm.allocate_prompt(seq.seq_id, [])
                 self.fed[seq.seq_id] = []
             fed = self.fed[seq.seq_id]
-            keep = common_prefix_length(fed, seq.token_ids)  # rollback: what is still the sequence stays cached
+            # Rollback: what is still the sequence stays cached, but the last token is always fed again for its
+            # logits (the draft may hold it already, when its guess came true in a step that could not verify).
+            keep = min(common_prefix_length(fed, seq.token_ids), seq.num_tokens - 1)
             del fed[keep:]
             bm.trim(seq.seq_id, keep)
-            feed.append(seq.token_ids[keep:])  # >= 1 token: the target's last one is never fed yet
+            feed.append(seq.token_ids[keep:])
             needed = bm.num_blocks_needed(seq.seq_id, seq.num_tokens + k - 1)
             room.append(bm.can_allocate(needed))
             if room[-1]:
