@@ -208,3 +208,34 @@ def test_block_pools_stay_consistent_after_random_acceptances(varied_model, seed
     assert llm.stats()["speculative"]["verification_steps"] > 0
     for bm in (engine.block_manager, engine.proposer.block_manager):
         assert all(r == 0 for r in bm.ref_counts) and bm.num_free_blocks == bm.num_blocks
+
+
+def test_a_dropped_stream_or_a_failing_step_leaves_both_pools_clean(varied_model):
+    """Closing a stream early aborts only its request; an exception inside a step preempts everyone. Either way the
+    target's and the draft's blocks all come back, and the engine serves the next request exactly."""
+    llm = minillm.LLM(varied_model, tokenizer=FakeTokenizer(), speculative_config=draft_spec(varied_model, 3))
+    other = llm.add_request(prompts(2)[1], GREEDY)[0]
+    stream = llm.stream(prompts(1)[0], GREEDY)
+    for _, _ in zip(range(3), stream):
+        pass
+    stream.close()
+    assert not other.is_finished  # the other request goes on
+    while llm.engine.has_unfinished():
+        llm.engine.step()
+    engine, draft_pool = llm.engine, llm.engine.proposer.block_manager
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("a kernel failed")
+
+    llm.add_request(prompts(1)[0], GREEDY)
+    llm.engine.step()  # prefill
+    engine.model.forward = boom  # the draft is the same model: the failure comes in the proposer or the target
+    with pytest.raises(RuntimeError, match="a kernel failed"):
+        engine.step()
+    del engine.model.forward
+    while engine.has_unfinished():  # the preempted request is recomputed and finishes
+        engine.step()
+    for bm in (engine.block_manager, draft_pool):
+        assert all(r == 0 for r in bm.ref_counts) and bm.num_free_blocks == bm.num_blocks
+    plain = token_ids(minillm.LLM(varied_model, tokenizer=FakeTokenizer()), prompts(3), GREEDY)
+    assert token_ids(llm, prompts(3), GREEDY) == plain

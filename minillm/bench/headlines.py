@@ -76,6 +76,20 @@ def distill_headline(r: dict) -> dict[str, Any]:
     return h
 
 
+def spec_headline(r: dict) -> dict[str, Any]:
+    h: dict[str, Any] = {}
+    for row in r["rows"]:
+        if row["adaptive"]:
+            h[f"{row['workload']}, batch {row['batch']}, {row['proposer']} k={row['k']} (adaptive): speedup"] = (
+                row["speedup"])
+    always = [row for row in r["rows"] if not row["adaptive"] and row["proposer"] == "ngram"]
+    for workload in sorted({row["workload"] for row in always}):
+        best = max((row for row in always if row["workload"] == workload), key=lambda row: row["speedup"])
+        h[f"{workload}, batch 1, ngram: best k"] = best["k"]
+        h[f"{workload}, batch 1, ngram: best speedup"] = best["speedup"]
+    return h
+
+
 def key_numbers(r: dict) -> dict[str, Any]:
     """For a topic without a headline function: its top-level numbers."""
     return {k: v for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -83,4 +97,4 @@ def key_numbers(r: dict) -> dict[str, Any]:
 
 HEADLINES = {"roofline": roofline_headline, "attention": attention_headline, "kvcache": kvcache_headline,
              "paged": paged_headline, "quant": quant_headline, "prune": prune_headline, "distill": distill_headline,
-             "engine": engine_headline}
+             "engine": engine_headline, "spec": spec_headline}

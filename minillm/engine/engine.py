@@ -35,6 +35,7 @@ class Engine:
         self.proposer = proposer  # speculative decoding (chapter 09, ``minillm/spec/``): None = one token per step
         self.block_manager = scheduler.block_manager
         self.last_step = SchedulerOutput()  # what the latest step scheduled (the simulator draws it)
+        self.last_verifications: list[tuple[int, list[int], list[int]]] = []  # notebook 09 colors them
         self._start_run()
 
     # ---- the engine interface (see engine/llm.py) --------------------------------------------------------------
@@ -77,6 +78,7 @@ class Engine:
             self.proposer.propose([s for s in self.scheduler.running
                                    if not s.is_finished and s.num_tokens - s.num_computed_tokens == 1])
         out = self.last_step = self.scheduler.schedule()
+        self.last_verifications = []  # (seq_id, guesses, emitted tokens) of this step's speculating sequences
         assert out.seqs or not self.has_unfinished(), "scheduler made no progress with requests pending"
         if not out.seqs:
             return []
@@ -128,6 +130,7 @@ class Engine:
             emitted = rejection_sample(guesses, sampling_probs(logits, seq.params), draft_probs, seq.generator)
         accepted = len(emitted) - 1  # the last emitted token is the target's own (a correction or a bonus)
         self.proposer.observe(seq, len(guesses), accepted)
+        self.last_verifications.append((seq.seq_id, guesses, emitted))
         self.num_verified, self.num_proposed, self.num_accepted = (
             self.num_verified + 1, self.num_proposed + len(guesses), self.num_accepted + accepted)
         appended = 0
