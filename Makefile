@@ -38,7 +38,7 @@ demo: .venv
 	$(BIN)/python -m minillm generate "$(PROMPT)"
 
 test: .venv
-	$(BIN)/python -m pytest -m "not sweep"
+	$(BIN)/python -m pytest -m "not sweep" --durations=30
 
 test-fast: .venv
 	$(BIN)/python -m pytest -m "not slow and not sweep"
