@@ -10,7 +10,6 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-
 REAL_MODEL_FIXTURES = {"smollm", "hf_smollm"}
 
 
@@ -55,18 +54,24 @@ def hf_smollm():
     ).eval()
 
 
-@pytest.fixture
-def varied_model():
-    """A tiny random Llama whose layers matter (with the default init every position repeats its own token, which
-    prompt lookup would always guess right): varied greedy text, so guesses are accepted and rejected."""
+def varied_tiny_model(seed: int = 0, **overrides):
+    """A tiny random Llama whose layers matter: with the default init the tied embedding (std 1) dominates the
+    residual stream and every position predicts its own token almost surely, whatever the layers do (prompt lookup
+    would always guess right, a pruned layer would change nothing)."""
     from minillm.config import ModelConfig
     from minillm.model import Transformer
 
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig.tiny()).eval()
+    torch.manual_seed(seed)
+    model = Transformer(ModelConfig.tiny(**overrides)).eval()
     with torch.no_grad():
         model.embed_tokens.weight.normal_(0, 0.3)
         for p in model.layers.parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.1)
     return model
+
+
+@pytest.fixture
+def varied_model():
+    """``varied_tiny_model()``: varied greedy text, so speculative guesses are accepted and rejected."""
+    return varied_tiny_model()

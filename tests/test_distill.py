@@ -12,10 +12,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import varied_tiny_model
 from transformers import BatchEncoding
 
 import minillm
-from minillm.config import ModelConfig
 from minillm.distill import (
     block_influence,
     check_held_out,
@@ -66,17 +66,7 @@ def tok():
     return ByteTokenizer()
 
 
-def tiny(seed: int = 0, **overrides) -> Transformer:
-    """A tiny random Llama whose layers matter: with the default init the tied embedding (std 1) dominates the
-    residual stream and every position predicts its own token almost surely, whatever the layers do."""
-    torch.manual_seed(seed)
-    model = Transformer(ModelConfig.tiny(**overrides)).eval()
-    with torch.no_grad():
-        model.embed_tokens.weight.normal_(0, 0.3)
-        for p in model.layers.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.1)
-    return model
+tiny = varied_tiny_model  # a tiny random Llama whose layers matter (tests/conftest.py)
 
 
 TRAIN_TEXT = "the quick brown fox jumps over the lazy dog; a stitch in time saves nine. " * 20
