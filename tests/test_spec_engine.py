@@ -149,10 +149,45 @@ def test_speculation_turns_itself_down_when_guesses_fail(varied_model):
     proposer.evidence.clear()
     verified_at = []
     for step in range(130):
+        proposer.step = step  # the engine step (propose counts them)
         if proposer.worth_speculating(seq):
             verified_at.append(step)
             proposer.observe(seq, 4, 0)
     assert verified_at == [0, 8, 24, 56, 120], verified_at  # every guess fails: probes 8, 16, 32, 64 steps apart
+    proposer.evidence.clear()
+    verified_at = []
+    for step in range(3, 40):  # a sequence that starts at step 3: its probes still fall on every eighth step
+        proposer.step = step
+        if proposer.worth_speculating(seq):
+            verified_at.append(step)
+            proposer.observe(seq, 4, 0)
+    assert verified_at == [3, 16, 32], verified_at
     for _ in range(3):  # guesses that start to hold: speculation resumes at the next probe and stays on
         proposer.observe(seq, 4, 4)
     assert proposer.acceptance_estimate(0) > 0.8 and proposer.worth_speculating(seq)
+
+
+def test_a_batch_speculates_only_when_its_guesses_pay_for_everyone():
+    """One sequence that guesses well among seven turned-down ones: its extra tokens do not pay for the slower step
+    of all eight, so nobody speculates (until a probe); alone, or with enough good company, it does."""
+
+    def seqs(n):
+        return [Sequence(i, str(i), [5, 6], SamplingParams(max_tokens=100), eos_token_ids=[2], max_model_len=1024)
+                for i in range(n)]
+
+    def speculating(proposer, batch):
+        proposer.step = 0  # propose counts this one as step 1: not a probing step
+        proposer.propose(batch)
+        return [s.seq_id for s in batch if s.spec_token_ids]
+
+    proposer = ConstantProposer(4, min_expected_tokens=2.0)
+    batch = seqs(8)
+    proposer.observe(batch[0], 4, 4)  # alpha 1: 5 tokens per step expected, 4 extra
+    for seq in batch[1:]:
+        proposer.observe(seq, 4, 0)  # alpha 0: turned down
+    assert speculating(proposer, batch) == []  # 4 extra tokens < (2 - 1) * 8
+    assert speculating(proposer, batch[:1]) == [0]  # alone: 4 >= 1
+    for seq in batch[1:3]:
+        for _ in range(3):
+            proposer.observe(seq, 4, 4)  # three good verifications outweigh the failed one
+    assert speculating(proposer, batch) == [0, 1, 2]  # about 3 x 3.7 extra tokens >= 8

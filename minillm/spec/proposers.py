@@ -16,8 +16,12 @@ In doing so, you will learn about:
     a geometric run length), with old evidence decayed so the estimate follows the text as it changes;
   * the decision: speculate while the expected tokens per step ``(1 - alpha^(k+1)) / (1 - alpha)`` reach
     ``min_expected_tokens`` (what a verification step costs, in plain steps); otherwise decode plainly and probe
-    again after 8 plain steps, then 16, 32, 64 while probes keep failing, so a sequence that starts copying its
-    prompt is noticed and one that never will costs almost nothing.
+    again after 8 plain steps, then 16, 32, 64 while probes keep failing (on every eighth engine step, so that a
+    batch probes together), so a sequence that starts copying its prompt is noticed and one that never will costs
+    almost nothing;
+  * the batch: a verification step costs every sequence of the step, so the chosen sequences speculate only if
+    their expected extra tokens, summed, pay for the whole batch's slower step (a single copying sequence in a batch
+    of open chats does not).
 
 ``NgramProposer`` guesses by prompt lookup (``ngram.py``); ``draft.DraftModelProposer`` runs a smaller model.
 Notebook 09 (``09_speculative_decoding``) compares them.
@@ -70,6 +74,7 @@ class Proposer:
                              f"emits at most k + 1 tokens; 0 always speculates), got {min_expected_tokens}")
         self.num_speculative_tokens, self.min_expected_tokens = num_speculative_tokens, min_expected_tokens
         self.evidence: dict[int, Evidence] = {}  # per running sequence
+        self.step = 0  # calls of propose: one per engine step
 
     def acceptance_estimate(self, seq_id: int) -> float:
         """accepted / (accepted + rejections), decayed; 1.0 before any evidence (try speculating first)."""
@@ -83,7 +88,10 @@ class Proposer:
             ev.plain_steps, ev.probe_every = 0, PROBE_EVERY
             return True
         ev.plain_steps += 1
-        if ev.plain_steps >= ev.probe_every:  # a probe: verify once more, to notice when guessing starts to pay
+        # A probe: verify once more, to notice when guessing starts to pay. Probes fall on every eighth engine step
+        # only, so that the turned-down sequences of a batch probe together: on a CPU a step costs about the same
+        # with one verifying sequence as with eight, and staggered probes would make many steps expensive.
+        if ev.plain_steps >= ev.probe_every and self.step % PROBE_EVERY == 0:
             ev.plain_steps, ev.probe_every = 0, min(2 * ev.probe_every, MAX_PROBE_EVERY)
             return True
         return False
@@ -96,13 +104,22 @@ class Proposer:
 
     def propose(self, seqs: list[Sequence]) -> None:
         """Set ``spec_token_ids`` / ``spec_draft_probs`` of every sequence in `seqs` (the decoding ones)."""
-        chosen, budgets = [], []
+        self.step += 1
+        chosen, budgets, extra_tokens, probing = [], [], 0.0, False
         for seq in seqs:
             seq.spec_token_ids, seq.spec_draft_probs = [], None
             k = guess_budget(seq, self.num_speculative_tokens)
             if k and self.worth_speculating(seq):
                 chosen.append(seq)
                 budgets.append(k)
+                expected = expected_tokens_per_step(self.acceptance_estimate(seq.seq_id), self.num_speculative_tokens)
+                extra_tokens += expected - 1
+                probing |= expected < self.min_expected_tokens  # chosen although not worth it: a probe
+        # A verification step costs the whole batch about min_expected_tokens plain steps, however few of its
+        # sequences verify. It pays only if the chosen sequences' expected extra tokens cover that for all len(seqs)
+        # (at batch 1 this is the per-sequence rule again). A probe runs anyway, and the others ride along.
+        if not probing and extra_tokens < (self.min_expected_tokens - 1) * len(seqs):
+            chosen = []
         if chosen:
             for seq, (tokens, probs) in zip(chosen, self.guess(chosen, budgets)):
                 seq.spec_token_ids, seq.spec_draft_probs = tokens, probs
