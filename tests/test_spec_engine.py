@@ -10,7 +10,7 @@ import torch
 import minillm
 from minillm import SamplingParams
 from minillm.engine.request import Sequence
-from minillm.spec.proposers import Proposer
+from minillm.spec.proposers import NgramProposer, Proposer
 
 
 class FakeTokenizer:
@@ -191,3 +191,19 @@ def test_a_batch_speculates_only_when_its_guesses_pay_for_everyone():
         for _ in range(3):
             proposer.observe(seq, 4, 4)  # three good verifications outweigh the failed one
     assert speculating(proposer, batch) == [0, 1, 2]  # about 3 x 3.7 extra tokens >= 8
+
+
+def test_prompt_lookup_keeps_its_estimate_up_to_date_in_the_shadow():
+    """A turned-down sequence whose text starts copying: prompt lookup still guesses one token per step for free,
+    scores it against the token that came, and speculation resumes after two hits, long before a probe (step 8)."""
+    proposer = NgramProposer(4, min_expected_tokens=2.0)
+    pattern = [7, 8, 9, 10]
+    seq = Sequence(0, "r", pattern * 3, SamplingParams(max_tokens=100), eos_token_ids=[2], max_model_len=1024)
+    proposer.observe(seq, 4, 0)
+    proposer.observe(seq, 4, 0)  # two failed verifications: turned down
+    for step in range(1, 8):
+        proposer.propose([seq])  # step `step`
+        if seq.spec_token_ids:
+            break
+        seq.append_token(pattern[seq.num_tokens % 4])  # the target copies the pattern, as the shadow guess said
+    assert step == 3 and seq.spec_token_ids == (pattern * 2)[seq.num_tokens % 4 :][:4], (step, seq.spec_token_ids)

@@ -19,6 +19,9 @@ In doing so, you will learn about:
     again after 8 plain steps, then 16, 32, 64 while probes keep failing (on every eighth engine step, so that a
     batch probes together), so a sequence that starts copying its prompt is noticed and one that never will costs
     almost nothing;
+  * guessing in the shadow: prompt lookup's guesses cost nothing, so a turned-down sequence still guesses one token
+    and checks it against the token the target emits; its estimate keeps up, and speculation resumes as soon as the
+    text starts copying (a draft model's guesses are not free: it only probes);
   * the batch: a verification step costs every sequence of the step, so the chosen sequences speculate only if
     their expected extra tokens, summed, pay for the whole batch's slower step (a single copying sequence in a batch
     of open chats does not).
@@ -47,6 +50,7 @@ class Evidence:
     rejections: float = 0.0
     plain_steps: int = 0  # since speculation was turned down or last probed
     probe_every: int = PROBE_EVERY
+    shadow: tuple[int, int] | None = None  # (position, guess) made while turned down, checked when the token comes
 
 
 def guess_budget(seq: Sequence, k: int) -> int:
@@ -65,6 +69,8 @@ def default_min_expected_tokens(device_type: str) -> float:
 
 class Proposer:
     """k, the per-sequence acceptance estimate and the turn-down rule; subclasses implement ``guess``."""
+
+    free_guesses = False  # True when guessing costs nothing next to a model step (prompt lookup)
 
     def __init__(self, num_speculative_tokens: int, min_expected_tokens: float = 1.5):
         if not isinstance(num_speculative_tokens, int) or num_speculative_tokens < 1:
@@ -108,6 +114,7 @@ class Proposer:
         chosen, budgets, extra_tokens, probing = [], [], 0.0, False
         for seq in seqs:
             seq.spec_token_ids, seq.spec_draft_probs = [], None
+            self.check_shadow(seq)
             k = guess_budget(seq, self.num_speculative_tokens)
             if k and self.worth_speculating(seq):
                 chosen.append(seq)
@@ -123,6 +130,19 @@ class Proposer:
         if chosen:
             for seq, (tokens, probs) in zip(chosen, self.guess(chosen, budgets)):
                 seq.spec_token_ids, seq.spec_draft_probs = tokens, probs
+        if self.free_guesses:  # the others guess one token in the shadow: the estimate keeps up while they wait
+            waiting = [seq for seq in seqs if not seq.spec_token_ids and guess_budget(seq, 1)]
+            for seq, (tokens, _) in zip(waiting, self.guess(waiting, [1] * len(waiting))):
+                if tokens:
+                    self.evidence.setdefault(seq.seq_id, Evidence()).shadow = (seq.num_tokens, tokens[0])
+
+    def check_shadow(self, seq: Sequence) -> None:
+        """Score the guess made while `seq` did not speculate against the token the target emitted there."""
+        ev = self.evidence.get(seq.seq_id)
+        if ev is not None and ev.shadow is not None and seq.num_tokens > ev.shadow[0]:
+            position, guess = ev.shadow
+            ev.shadow = None
+            self.observe(seq, 1, int(seq.token_ids[position] == guess))
 
     def guess(self, seqs: list[Sequence], budgets: list[int]) -> list[tuple[list[int], object]]:
         """For each sequence at most `budget` guesses, and their draft distributions (budget, V) or None."""
@@ -136,6 +156,8 @@ class Proposer:
 
 class NgramProposer(Proposer):
     """Prompt lookup (``ngram.propose_ngram``): no model, guesses copied from earlier in the sequence."""
+
+    free_guesses = True
 
     def __init__(self, num_speculative_tokens: int, prompt_lookup_max: int = 3, prompt_lookup_min: int = 1,
                  min_expected_tokens: float = 1.5):
