@@ -94,9 +94,9 @@ TOPICS: dict[str, TopicPlan] = {
     # The benchmark's GPU default (8 requests of 256 tokens, k up to 8, both proposers) takes minutes: here prompt
     # lookup alone at k = 1 and 4 on two requests, enough for the batch-1 and batch-8 speedups on both workloads.
     "spec": TopicPlan(
-        ("--proposers", "ngram", "--k", "1", "4", "--prompts", "2", "--max-tokens", "96"),
+        ("--proposers", "ngram", "--k", "1", "4", "--prompts", "2", "--max-tokens", "96", "--repeats", "2"),
         ("--workloads", "repetitive", "--k", "1", "2", "--batches", "1", "2", "--prompts", "1", "--max-tokens", "4",
-         "--draft-layers", "1", "--adaptive-k", "2"),
+         "--draft-layers", "1", "--adaptive-k", "2", "--repeats", "2"),
         35.0,
     ),
 }

@@ -9,12 +9,14 @@ decoding and each speculative configuration alternately, so every speedup is a r
 same, possibly noisy, machine: ``speedup = mean(plain before, plain after) / speculative``. Greedy speculation must
 produce exactly the plain tokens; the benchmark checks it on every run.
 
-The configurations: the ``--k`` sweep at batch 1 with speculation always on (``min_expected_tokens`` 0), for the
-acceptance-vs-k curve and its theory, ``(1 - a^(k+1)) / (1 - a)`` tokens per verification with ``a`` the acceptance
-rate measured at k = 1; then the default, adaptive proposer (k = ``--adaptive-k``, turning itself down when guesses
-fail) at every batch size. Proposers: ``ngram`` (prompt lookup) and ``draft`` (``self_draft``: the target's first
+The configurations: the ``--k`` sweep at batch 1 with speculation always on (``min_expected_tokens`` 0), one run
+each, for the acceptance-vs-k curve and its theory, ``(1 - a^(k+1)) / (1 - a)`` tokens per verification with ``a``
+the acceptance rate measured at k = 1; then the default, adaptive proposer (k = ``--adaptive-k``, turning itself down
+when guesses fail) at every batch size, ``--repeats`` runs each (the median speedup: on a shared 2-core VM one run
+varies by about 15%). Proposers: ``ngram`` (prompt lookup) and ``draft`` (``self_draft``: the target's first
 ``--draft-layers`` layers with its norm and head, sharing every weight; untrained, it rarely agrees with the target,
-which the adaptive rule has to notice). Tokens/s count generated tokens over the wall time of the ``generate`` call.
+which the adaptive rule has to notice). Tokens/s count generated tokens over the wall time of the ``generate`` calls;
+acceptance and steps are summed over them.
 Notebook 09 (``09_speculative_decoding``) shows the plot.
 """
 
@@ -82,13 +84,20 @@ def speculative_config(proposer: str, k: int, adaptive: bool, target, draft_laye
     return {"method": "draft_model", "model": self_draft(target, draft_layers), **config}
 
 
-def serve(llm, prompts: list, batch: int, params) -> tuple[float, list[list[int]]]:
-    """Wall seconds to serve `prompts`, `batch` at a time, and the generated token ids."""
-    tokens = []
-    start = time.perf_counter()
+def serve(llm, prompts: list, batch: int, params, counts: dict | None = None) -> tuple[float, list[list[int]]]:
+    """Wall seconds to serve `prompts`, `batch` at a time, and the generated token ids. `counts`, if given, adds up
+    the engine's steps and speculation counts over the ``generate`` calls (each call restarts ``llm.stats()``)."""
+    tokens, seconds = [], 0.0
     for i in range(0, len(prompts), batch):
+        start = time.perf_counter()
         tokens += [o.token_ids for o in llm.generate(prompts[i : i + batch], params, use_tqdm=False)]
-    return time.perf_counter() - start, tokens
+        seconds += time.perf_counter() - start
+        if counts is not None:
+            stats = llm.stats()
+            for key, value in [("num_steps", stats["num_steps"]), *stats.get("speculative", {}).items()]:
+                if key in ("num_steps", "proposed", "accepted", "verification_steps"):
+                    counts[key] = counts.get(key, 0) + value
+    return seconds, tokens
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -102,6 +111,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompts", type=int, default=None, help="requests per batch-1 run (default: 2 CPU, 8 GPU)")
     parser.add_argument("--max-tokens", type=int, default=None, help="default: 48 on CPU, 256 on GPU")
     parser.add_argument("--draft-layers", type=int, default=10, help="self-draft: the target's first layers kept")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each adaptive (headline) configuration, "
+                        "each between two plain runs; the median speedup is reported (the k sweep runs once)")
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -109,8 +120,8 @@ def main(argv: list[str] | None = None) -> None:
     ks = args.k or ([1, 2, 3, 4, 6, 8] if on_gpu else [1, 2, 4, 6])
     num_prompts = args.prompts or (8 if on_gpu else 2)
     max_tokens = args.max_tokens or (256 if on_gpu else 48)
-    if any(k < 1 for k in [*ks, args.adaptive_k]) or any(b < 1 for b in args.batches):
-        parser.error("every k and batch size must be >= 1")
+    if any(k < 1 for k in [*ks, args.adaptive_k]) or any(b < 1 for b in args.batches) or args.repeats < 1:
+        parser.error("every k, batch size and --repeats must be >= 1")
 
     env = environment_info(device)
     print(f"spec benchmark on {env['device']}: greedy, up to {max_tokens} new tokens per request")
@@ -134,21 +145,28 @@ def main(argv: list[str] | None = None) -> None:
                                   speculative_config=speculative_config(proposer, k, adaptive, model,
                                                                         args.draft_layers))
                 serve(llm, prompts[:1], 1, minillm.SamplingParams(temperature=0.0, max_tokens=4))
-                spec_s, spec_tokens = serve(llm, prompts, batch, params)
-                if spec_tokens != plain_tokens:
-                    raise AssertionError(f"{workload}, {proposer} k={k}: greedy speculation changed the output")
-                stats = llm.stats()["speculative"]
-                plain_after, _ = serve(plain_llm, prompts, batch, params)
-                plain_mean = (plain_s + plain_after) / 2
+                speedups, spec_times, plain_times = [], [], []
+                for _ in range(args.repeats if adaptive else 1):
+                    counts = {}
+                    spec_s, spec_tokens = serve(llm, prompts, batch, params, counts)
+                    if spec_tokens != plain_tokens:
+                        raise AssertionError(f"{workload}, {proposer} k={k}: greedy speculation changed the output")
+                    plain_after, _ = serve(plain_llm, prompts, batch, params)
+                    plain_times.append((plain_s + plain_after) / 2)
+                    spec_times.append(spec_s)
+                    speedups.append(plain_times[-1] / spec_s)
+                    plain_s = plain_after
+                middle = sorted(range(len(speedups)), key=speedups.__getitem__)[len(speedups) // 2]  # the median run
+                proposed, accepted, verifications = counts["proposed"], counts["accepted"], counts["verification_steps"]
                 row = dict(workload=workload, batch=batch, proposer=proposer, k=k, adaptive=adaptive,
-                           num_requests=len(prompts), generated_tokens=num_tokens,
-                           tokens_per_s=num_tokens / spec_s, plain_tokens_per_s=num_tokens / plain_mean,
-                           speedup=plain_mean / spec_s, acceptance_rate=stats["acceptance_rate"],
-                           tokens_per_verification=1 + stats["mean_accepted_per_verification"],
-                           verification_steps=stats["verification_steps"], proposed=stats["proposed"],
-                           accepted=stats["accepted"])
+                           num_requests=len(prompts), generated_tokens=num_tokens, runs=len(speedups),
+                           tokens_per_s=num_tokens / spec_times[middle],
+                           plain_tokens_per_s=num_tokens / plain_times[middle], speedup=speedups[middle],
+                           speedups=speedups, acceptance_rate=accepted / proposed if proposed else 0.0,
+                           tokens_per_verification=1 + (accepted / verifications if verifications else 0.0),
+                           verification_steps=verifications, steps=counts["num_steps"], proposed=proposed,
+                           accepted=accepted)
                 rows.append(row)
-                plain_s = plain_after
                 print(f"{workload:<10} batch {batch} {proposer:<5} k={k} {'adaptive' if adaptive else 'always  '} "
                       f"{row['tokens_per_s']:6.1f} tok/s vs plain {row['plain_tokens_per_s']:6.1f}: "
                       f"{row['speedup']:.2f}x, {row['acceptance_rate']:.0%} of guesses accepted, "
@@ -162,7 +180,8 @@ def main(argv: list[str] | None = None) -> None:
     results = dict(
         model="smollm2-135m", dtype=str(next(model.parameters()).dtype), max_tokens=max_tokens, ks=ks,
         adaptive_k=args.adaptive_k, batches=args.batches, draft=f"self_draft, first {args.draft_layers} layers",
-        speedup_formula="mean(plain run before, plain run after) / speculative run, same requests, same tokens",
+        speedup_formula="mean(plain run before, plain run after) / speculative run, same requests, same tokens; "
+                        "the median of `runs` such ratios",
         theory_formula="(1 - a^(k+1)) / (1 - a), a = acceptance rate at k = 1",
         wall_s=round(wall_s, 1), rows=rows,
     )
