@@ -390,14 +390,15 @@ def prepare_batch(
     input_ids, positions, slot_mapping, query_lens, context_lens, tables, sample_rows = [], [], [], [], [], [], []
     for i, (seq, n) in enumerate(zip(out.seqs, out.num_new_tokens)):
         start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
-        input_ids += (seq.token_ids + seq.spec_token_ids)[start:end]  # guesses (chapter 09) after the real tokens
+        guesses = getattr(seq, "spec_token_ids", [])  # chapter 09's; a plain sequence (notebook 05's) has none
+        input_ids += (seq.token_ids + guesses)[start:end]  # the guesses come after the real tokens
         positions += range(start, end)
         slot_mapping += block_manager.slot_mapping(seq.seq_id, start, end)
         query_lens.append(n)
         context_lens.append(end)
         tables.append(block_manager.block_table(seq.seq_id))
         if out.is_last_chunk(i):  # a speculating sequence is verified at its last real token and every guess
-            sample_rows += range(len(input_ids) - 1 - len(seq.spec_token_ids), len(input_ids))
+            sample_rows += range(len(input_ids) - 1 - len(guesses), len(input_ids))
     metadata = PagedMetadata.build(slot_mapping, query_lens, context_lens, tables, block_manager.block_size, device)
     ids = torch.tensor(input_ids, dtype=torch.long, device=device)[None]  # (1, N)
     pos = torch.tensor(positions, dtype=torch.long, device=device)[None]  # (1, N)

@@ -47,7 +47,8 @@ class SchedulerOutput:
         """True when sequence i's known tokens (and its guesses, if it speculates) are all computed after this step:
         its last rows give logits (one, or one per guess and one more)."""
         seq = self.seqs[i]
-        return seq.num_computed_tokens + self.num_new_tokens[i] == seq.num_tokens + len(seq.spec_token_ids)
+        guesses = len(getattr(seq, "spec_token_ids", []))  # chapter 09's; a plain sequence (notebook 05's) has none
+        return seq.num_computed_tokens + self.num_new_tokens[i] == seq.num_tokens + guesses
 
 
 def whole_sequence_scheduler(max_num_seqs: int, max_model_len: int, policy: str) -> Scheduler:
