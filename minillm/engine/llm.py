@@ -44,6 +44,8 @@ from minillm.attention.backends import KERNELS, resolve_kernel
 from minillm.engine.recompute import RecomputeEngine
 from minillm.engine.request import Detokenizer, RequestOutput, Sequence
 from minillm.engine.sampling import SamplingParams
+from minillm.fast.execution import choose_execution, wrap_with_graphs
+from minillm.fast.graphs import DecodeGraphs
 from minillm.loading import load_model, resolve_device, resolve_dtype
 
 KV_CACHES = ("none", "contiguous", "paged")
@@ -72,6 +74,8 @@ class LLM:
         tokenizer: Any = None,
         kv_cache_dtype: str | None = None,
         speculative_config: dict | None = None,
+        enforce_eager: bool | None = None,
+        compile: bool | None = None,
     ):
         if kv_cache not in KV_CACHES:
             raise ValueError(f"unknown kv_cache {kv_cache!r}; choose one of {KV_CACHES}")
@@ -116,6 +120,12 @@ class LLM:
             max_num_batched_tokens=max_num_batched_tokens, num_kv_blocks=num_kv_blocks,
             enable_prefix_caching=enable_prefix_caching, kv_cache_dtype=kv_cache_dtype,
         )
+        # Chapter 10 (minillm/fast/): the engine calls the model eagerly, compiled, or replays decode steps as CUDA
+        # graphs; chosen once, here, falling back to eager with a reason stats() reports.
+        forward, self._execution = choose_execution(self.model, self.device, self.attention_backend, kv_cache,
+                                                    enforce_eager, compile)
+        self.engine.model = wrap_with_graphs(forward, self.engine, self._execution, kv_cache, max_num_seqs,
+                                             self.max_model_len)
         if speculative_config is not None:  # chapter 09: guesses verified in the engine loop (minillm/spec/)
             from minillm.spec.config import make_proposer
 
@@ -282,8 +292,9 @@ class LLM:
     def stats(self) -> dict:
         with self._lock:
             fallbacks = dict(fallback_counts() - self._fallbacks_base)  # "what: why" -> calls, since construction
+            graphs = self.engine.model.stats() if isinstance(self.engine.model, DecodeGraphs) else {}
             return {"kv_cache": self.kv_cache, "attention_backend": self.attention_backend,
-                    "kernel_fallbacks": fallbacks, **self.engine.stats()}
+                    "kernel_fallbacks": fallbacks, "execution": {**self._execution, **graphs}, **self.engine.stats()}
 
 
 def check_max_model_len(max_model_len: int | None, model_max: int) -> int:

@@ -1,0 +1,7 @@
+"""Chapter 10, fast decoding: where a decode step's time goes and how engines win it back.
+
+fused.py (Triton kernels for the small elementwise ops between matmuls), forward.py (the model's forward cut at
+attention into pieces that can be fused or compiled), graphs.py (CUDA graphs for decode, per batch-size bucket),
+profiler.py (one engine step split into Python, kernels and gaps), precision.py (fp32 vs bf16 vs fp16),
+onnx_runtime.py (the same forward in a deployment runtime, for comparison). Notebook 10 explains them.
+"""
