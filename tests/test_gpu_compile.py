@@ -36,6 +36,7 @@ TARGETS = (75, 80, 86, 90)  # T4, A100, A10 / RTX 3090 (99 KiB of shared memory,
 NUM_SMS = {75: 40, 80: 108, 86: 72, 90: 132}  # their SM counts, which set paged attention's split-K
 MODELS = {"SmolLM2": (9, 3, 64), "Llama": (32, 8, 128)}  # H, Hkv, D
 SMOLLM2, LLAMA = MODELS.values()
+WIDTHS = {"SmolLM2": (576, 1536), "Llama": (4096, 14336)}  # C, I: model dim and MLP width, for the fused kernels
 DTYPES = F16, B16, F32 = (torch.float16, torch.bfloat16, torch.float32)
 QUANT_FORMATS = ((8, None), (4, 64), (4, 128))  # (bits, group size); int8 has one group per row
 QUANT_SIZES = (576, 1536, 4096)  # K and N: SmolLM2's C and MLP width, Llama's C
@@ -47,6 +48,9 @@ COMBINE = "minillm.attention.paged._paged_decode_combine_kernel"
 STORE = "minillm.kvcache.store._store_kv_kernel"
 GEMV = "minillm.quant.kernels._dequant_gemv_kernel"
 GEMM = "minillm.quant.kernels._dequant_gemm_kernel"
+ADD_RMSNORM = "minillm.fast.fused._add_rmsnorm_kernel"
+ROPE_QK = "minillm.fast.fused._rope_qk_kernel"
+SILU_MUL = "minillm.fast.fused._silu_mul_kernel"
 
 
 class Launch(NamedTuple):
@@ -160,6 +164,28 @@ def quant_launches(arch: int, cases, gemm_rows: int = 500):
             yield launch(kernel, args, dict(BITS=bits, **cfg))
 
 
+def fused_launches(cases):
+    """add_rmsnorm (with and without a residual), rope_qk and silu_mul of N tokens for each (model name, dtype, N)
+    case. Their plans are the same on every GPU; N only sizes the grid, so N = 1 and N = 512 share a compile."""
+    from minillm.fast import fused
+
+    for name, dtype, N in cases:
+        (H, Hkv, D), (C, I) = MODELS[name], WIDTHS[name]
+        x, weight = fake(N, C, dtype=dtype), fake(C, dtype=dtype)
+        for residual in (x, None):
+            r_strides = (0, 0) if residual is None else residual.stride()
+            args = [x, residual, weight, x, None if residual is None else x, C,
+                    *x.stride(), *r_strides, weight.stride(0), x.stride(0), x.stride(0), 1e-5]
+            yield launch(ADD_RMSNORM, args, fused.add_rmsnorm_plan(C))
+        q, k, cos = fake(N, H, D, dtype=dtype), fake(N, Hkv, D, dtype=dtype), fake(N, D, dtype=dtype)
+        args = [q, k, cos, cos, q, k, H, Hkv, D // 2, *q.stride(), *k.stride(), *cos.stride(), *cos.stride(),
+                *q.stride()[:2], *k.stride()[:2]]
+        yield launch(ROPE_QK, args, fused.rope_qk_plan(H, Hkv, D))
+        gate = fake(N, I, dtype=dtype)
+        yield launch(SILU_MUL, [gate, gate, gate, I, *gate.stride(), *gate.stride(), gate.stride(0)],
+                     fused.silu_mul_plan(I))
+
+
 def representative_launches(arch: int) -> list[Launch]:
     """What CI compiles: every model, dtype, path and block size appears for every kernel, not every combination
     of them (a few seconds per compile on two cores add up): the slow sweep compiles those."""
@@ -175,6 +201,7 @@ def representative_launches(arch: int) -> list[Launch]:
         ]),
         *store_launches([(SMOLLM2, F16, 16), (LLAMA, B16, 32), (LLAMA, F32, 16)]),
         *quant_launches(arch, [((8, None), 4096, 4096, F16), ((4, 128), 4096, 1536, B16), ((4, 64), 576, 576, F32)]),
+        *fused_launches([("SmolLM2", F16, 1), ("Llama", B16, 512), ("SmolLM2", F32, 512), ("Llama", F32, 1)]),
     ]
 
 
@@ -185,6 +212,7 @@ def all_launches(arch: int) -> list[Launch]:
         *paged_launches(arch, product(MODELS.values(), DTYPES, (1, 8, 64), (100, 500, 4000), (16, 32))),
         *store_launches(product(MODELS.values(), DTYPES, (16, 32))),
         *quant_launches(arch, product(QUANT_FORMATS, QUANT_SIZES, QUANT_SIZES, DTYPES)),
+        *fused_launches(product(MODELS, DTYPES, (1, 512))),
     ]
 
 
@@ -238,7 +266,7 @@ def _compile(launch: Launch, arch: int) -> dict:
 def compile_all(jobs: list[tuple[Launch, int]]) -> dict[tuple[Launch, int], dict]:
     """Compile each (launch, arch) in NUM_WORKERS fresh processes with an empty Triton cache."""
     # The slowest kernels first, so that neither worker is left alone with a long one at the end.
-    order = (FLASH, GEMM, PAGED, GEMV, COMBINE, STORE)
+    order = (FLASH, GEMM, PAGED, GEMV, COMBINE, STORE, ADD_RMSNORM, ROPE_QK, SILU_MUL)
     jobs = sorted(set(jobs), key=lambda job: (order.index(job[0].kernel), job[1] != 75, str(job[0])))
     with (
         tempfile.TemporaryDirectory() as cache_dir,
@@ -391,3 +419,27 @@ def test_dequant_launchers_launch_their_plans(monkeypatch, launchable):
     for plans, spy in ((gemv_plans, gemv), (gemm_plans, gemm)):
         ((plan,), ((_, meta),)) = plans, spy.launches
         assert meta.items() >= plan.items()
+
+
+def test_fused_launchers_launch_their_plans(monkeypatch, launchable):
+    from minillm.fast import fused
+
+    names = ("add_rmsnorm_plan", "rope_qk_plan", "silu_mul_plan")
+    plans = {name: record_plans(monkeypatch, fused, name) for name in names}
+    spies = {name: spy_kernel(monkeypatch, kernel) for name, kernel in zip(names, (ADD_RMSNORM, ROPE_QK, SILU_MUL))}
+    N, C, H, Hkv, D, I = 3, 40, 4, 2, 16, 1500  # I > 1024: more than one column tile per row
+    x, weight = torch.randn(N, C, device=DEVICE), torch.randn(C, device=DEVICE)
+    fused.add_rmsnorm(x, x, weight, 1e-6)
+    fused.add_rmsnorm(x, None, weight, 1e-6)
+    q, k = torch.randn(N, H, D, device=DEVICE), torch.randn(N, Hkv, D, device=DEVICE)
+    cos = torch.randn(N, D, device=DEVICE)
+    fused.rope_qk(q, k, cos, cos)
+    gate = torch.randn(N, I, device=DEVICE)
+    fused.silu_mul(gate, gate)
+    for name in names:
+        assert len(plans[name]) == len(spies[name].launches) == (2 if name == "add_rmsnorm_plan" else 1), name
+        for plan, (grid, meta) in zip(plans[name], spies[name].launches):
+            assert meta.items() >= plan.items(), name
+            assert grid[0] == N, name
+    ((silu_grid, _),) = spies["silu_mul_plan"].launches
+    assert silu_grid == (N, -(-I // plans["silu_mul_plan"][0]["BLOCK_I"])) == (N, 2)

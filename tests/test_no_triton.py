@@ -17,6 +17,7 @@ SCRIPT = textwrap.dedent(
     import minillm
     from minillm._triton import MODE
     from minillm.attention.flash import flash_attention
+    from minillm.fast import fused
     
     assert MODE == "absent", MODE
     assert "absent" in minillm.doctor()["triton_status"]
@@ -30,6 +31,13 @@ SCRIPT = textwrap.dedent(
     try:
         flash_attention(q, k, v)
         raise AssertionError("a kernel without Triton must raise, not quietly run the reference")
+    except RuntimeError as err:
+        assert "cannot run" in str(err), err
+    x = torch.randn(2, 8)
+    fused.add_rmsnorm_ref(x, x, torch.ones(8), 1e-6)  # the references need no Triton; the kernels say they cannot run
+    try:
+        fused.add_rmsnorm(x, x, torch.ones(8), 1e-6)
+        raise AssertionError("a fused kernel without Triton must raise, not quietly run the reference")
     except RuntimeError as err:
         assert "cannot run" in str(err), err
     try:

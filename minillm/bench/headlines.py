@@ -90,6 +90,16 @@ def spec_headline(r: dict) -> dict[str, Any]:
     return h
 
 
+def decode_headline(r: dict) -> dict[str, Any]:
+    h: dict[str, Any] = {f"batch 1 decode: {k.replace('_vs_', ' / ')}": v for k, v in r["batch1_ratios"].items()}
+    for row in r["batch_sweep"]:
+        if row["batch_size"] in (1, max(x["batch_size"] for x in r["batch_sweep"])):
+            h[f"{row['system']} batch {row['batch_size']}: fraction of roofline"] = row["fraction_of_roofline"]
+    h.update({k: v for k, v in r["same_tokens"].items()})
+    h.update({f"{name} error": s["error"] for name, s in r["batch1"].items() if "error" in s})
+    return h
+
+
 def key_numbers(r: dict) -> dict[str, Any]:
     """For a topic without a headline function: its top-level numbers."""
     return {k: v for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -97,4 +107,4 @@ def key_numbers(r: dict) -> dict[str, Any]:
 
 HEADLINES = {"roofline": roofline_headline, "attention": attention_headline, "kvcache": kvcache_headline,
              "paged": paged_headline, "quant": quant_headline, "prune": prune_headline, "distill": distill_headline,
-             "engine": engine_headline, "spec": spec_headline}
+             "engine": engine_headline, "spec": spec_headline, "decode": decode_headline}

@@ -21,6 +21,7 @@ backend. ``stats()`` describes the last run, from the moment a request arrives a
 from __future__ import annotations
 
 import torch
+from torch.profiler import record_function
 
 from minillm.engine.request import Sequence, sample_and_append
 from minillm.engine.scheduler import Scheduler, SchedulerOutput
@@ -77,14 +78,16 @@ class Engine:
         if self.proposer is not None:  # guesses for every decoding sequence; the scheduler keeps those that fit
             self.proposer.propose([s for s in self.scheduler.running
                                    if not s.is_finished and s.num_tokens - s.num_computed_tokens == 1])
-        out = self.last_step = self.scheduler.schedule()
+        with record_function("minillm.schedule"):  # named regions: a profile (fast/profiler.py) reads like this loop
+            out = self.last_step = self.scheduler.schedule()
         self.last_verifications = []  # (seq_id, guesses, emitted tokens) of this step's speculating sequences
         assert out.seqs or not self.has_unfinished(), "scheduler made no progress with requests pending"
         if not out.seqs:
             return []
         last = [i for i in range(len(out.seqs)) if out.is_last_chunk(i)]  # before commit moves the counts
-        inputs = self.attention.prepare(out)
-        with torch.no_grad():
+        with record_function("minillm.prepare"):
+            inputs = self.attention.prepare(out)
+        with torch.no_grad(), record_function("minillm.forward"):
             logits = self.model(inputs.input_ids, inputs.positions, self.attention, inputs.metadata,
                                 logits_at=inputs.logits_at)  # (B, T or K, V)
         logits = logits[inputs.rows, inputs.cols]  # (rows, V): one per sampling sequence, 1 + k if it speculates
