@@ -12,7 +12,9 @@ In doing so, you will learn about:
 What a "kernel" is depends on the device. On a GPU it is what ran on the GPU (CUDA kernel events). On a CPU it is an
 outermost ATen operator that moves data (``aten::linear``, ``aten::mul``...; views and other metadata-only ops
 are left out) called from Python: its children (``aten::linear`` -> ``aten::mm``) are inside its time, and the gaps are
-the Python and dispatcher time between such calls. Notebook 10 draws the timeline.
+the Python and dispatcher time between such calls. A compiled forward's C++ kernels (``cpp_fused_*``) show up only
+when inductor was told to record them (``torch._inductor.config.cpp.enable_kernel_profile = True`` before
+compiling). Notebook 10 draws the timeline.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ FAMILIES = [
                 "sm90_xmma")),
     ("attention", ("attention", "paged_decode", "flash", "softmax", "sdpa")),
     ("fused (Triton)", ("add_rmsnorm", "rope_qk", "silu_mul")),
+    ("fused (compiled)", ("cpp_fused", "triton_poi", "triton_red", "triton_per")),  # inductor's own kernels
     ("KV store / gather", ("index", "gather", "scatter", "store_kv", "masked")),
 ]
 
@@ -143,8 +146,9 @@ def _tables(events, num_steps: int, device: str) -> StepProfile:
     if device == "cuda":
         kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
     else:
-        kernels = [e for e in events if e.name.startswith("aten::") and e.name not in METADATA_OPS
-                   and not (e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::"))]
+        kernels = [e for e in events if "cpp_fused" in e.name or (
+            e.name.startswith("aten::") and e.name not in METADATA_OPS
+            and not (e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::")))]
     rows = []
     for e in kernels:
         start = e.time_range.start

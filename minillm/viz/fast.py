@@ -21,7 +21,7 @@ from minillm.fast.buckets import pick_bucket
 
 REGION_COLORS = {"minillm.schedule": "#f2c6a0", "minillm.prepare": "#f7dc9c", "minillm.forward": "#e8e8e8"}
 FAMILY_COLORS = {"matmul": "tab:blue", "attention": "tab:purple", "fused (Triton)": "tab:green",
-                 "KV store / gather": "tab:olive", "elementwise / other": "tab:orange"}
+                 "fused (compiled)": "tab:cyan", "KV store / gather": "tab:olive", "elementwise / other": "tab:orange"}
 
 
 def plot_step_timeline(profiles: dict, step: int = 0, ax=None):
