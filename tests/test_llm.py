@@ -95,3 +95,20 @@ def test_a_refused_prompt_leaves_nothing_queued(llm):
     with pytest.raises(TypeError):
         llm.generate(["fine", "also fine"], [SamplingParams(), "not params"])
     assert not llm.engine.has_unfinished()
+
+
+def test_incremental_detokenizer_equals_decoding_everything(smollm):
+    """Decoding a window per token gives the text of decoding all tokens at once, multi-byte characters included."""
+    import random
+
+    from minillm.engine.request import Detokenizer
+
+    _, tok = smollm
+    text = "Héllo wörld! 日本語のテキスト, emoji 🙂🚀 and code: def f(x):\n    return x ** 2  # ok"
+    rng = random.Random(0)
+    for ids in [tok(text).input_ids, [rng.randrange(tok.vocab_size) for _ in range(200)]]:
+        d = Detokenizer(tok)
+        pieces = [d.update(ids[: i + 1]) for i in range(len(ids))]
+        full = tok.decode(ids, skip_special_tokens=True)
+        assert "".join(pieces) == d.text
+        assert full.startswith(d.text) and len(full) - len(d.text) <= 1, (full[-10:], d.text[-10:])  # held-back U+FFFD
