@@ -152,3 +152,13 @@ def test_cuda_graphs_give_the_eager_tokens(varied_model):
     assert execution["cuda_graphs"] and execution["ops"] == "fused", execution
     assert token_ids(llm, ps) == plain
     assert llm.stats()["execution"]["graph_replays"] > 0
+
+
+def test_a_fast_path_that_disagrees_with_the_eager_model_is_not_used(varied_model, monkeypatch):
+    """A kernel that runs but computes wrong numbers must not serve: the warm-up compares logits and falls back."""
+    monkeypatch.setattr("minillm.fast.fused.silu_mul_ref", lambda gate, up: gate * up)  # a plausible bug: no SiLU
+    monkeypatch.setattr("minillm.fast.execution.why_not_compile", lambda device: None)
+    monkeypatch.setattr("torch.compile", lambda fn, dynamic=None: fn)  # "compile" = the (buggy) eager pieces
+    forward, report = choose_execution(varied_model, torch.device("cpu"), "reference", "paged", False, True)
+    assert forward is varied_model and not report["compile"], report
+    assert "logits differ from the eager model" in report["fallbacks"][0], report

@@ -8,9 +8,10 @@
 
 On a GPU whose attention runs in Triton, the pieces also use the fused Triton kernels (``fast/fused.py``) unless
 they are compiled (inductor writes its own fused kernels). Nothing here crashes at construction: a compiler that
-is missing or fails on its first (warm-up) call, a model with quantized layers, CUDA graphs asked for on a CPU --
-each falls back to the eager path with a reason that ``LLM.stats()["execution"]`` shows, with the compile time
-and how many decode steps replayed a graph.
+is missing or fails on its first (warm-up) call, fused or compiled logits that disagree with the eager model's on
+that call, a model with quantized layers, CUDA graphs asked for on a CPU or failing to capture -- each falls back
+to the eager path with a reason that ``LLM.stats()["execution"]`` shows, with the compile time and how many decode
+steps replayed a graph.
 """
 
 from __future__ import annotations
@@ -32,12 +33,19 @@ def why_not_compile(device: torch.device) -> str | None:
     return None
 
 
-def _warm_up(forward: PiecewiseForward, model) -> None:
-    """Compile now, not inside the first request: a decode (1 token) and a prefill (2 tokens) shape."""
+def _warm_up_and_check(forward: PiecewiseForward, model) -> str | None:
+    """Compile now, not inside the first request (a decode shape, 1 token, and a prefill shape, 5), and check the
+    result against the eager model on the way: None if they agree, else what differs. A kernel that compiled but
+    computes wrong numbers on this machine must not serve requests."""
     device = next(model.parameters()).device
+    ids = torch.arange(5, device=device)[None] * 7 + 1  # (1, 5) token ids
     with torch.no_grad():
-        for num_tokens in (1, 2):
-            forward(torch.zeros(1, num_tokens, dtype=torch.long, device=device))
+        for num_tokens in (1, 5):
+            got, expected = forward(ids[:, :num_tokens]).float(), model(ids[:, :num_tokens]).float()  # (1, T, V)
+            error, scale = (got - expected).abs().max().item(), expected.abs().max().item()
+            if not error <= 1e-3 + 2e-2 * scale:  # 16-bit rounding differs between fused and eager; a bug does not
+                return f"its logits differ from the eager model's by {error:.3g} (largest logit {scale:.3g})"
+    return None
 
 
 def choose_execution(model, device: torch.device, kernel: str, kv_cache: str, enforce_eager: bool | None,
@@ -61,14 +69,15 @@ def choose_execution(model, device: torch.device, kernel: str, kv_cache: str, en
         report["fallbacks"].append(f"{ops}: {reason}; running eagerly")
         return model, report
     forward = PiecewiseForward(model, ops)
+    start = time.perf_counter()
+    try:
+        reason = _warm_up_and_check(forward, model)
+    except Exception as error:  # a broken toolchain shows up here, on the first compile or launch
+        reason = f"it failed ({type(error).__name__}: {str(error)[:240]})"
+    if reason:
+        report["fallbacks"].append(f"{ops}: {reason}; running eagerly")
+        return model, report
     if ops == "compile":
-        start = time.perf_counter()
-        try:
-            _warm_up(forward, model)
-        except Exception as error:  # a broken toolchain shows up here, on the first compile
-            report["fallbacks"].append(f"compile: torch.compile failed ({type(error).__name__}: {error}"[:300]
-                                       + "); running eagerly")
-            return model, report
         report["compile_seconds"] = time.perf_counter() - start
     report.update(compile=ops == "compile", ops=ops)
     return forward, report
@@ -88,6 +97,10 @@ def wrap_with_graphs(forward, engine, report: dict, kv_cache: str, max_num_seqs:
     from minillm.fast.graphs import DecodeGraphs
 
     start = time.perf_counter()
-    graphs = DecodeGraphs(forward, engine.attention, max_num_seqs, max_model_len, capture=True)
+    try:
+        graphs = DecodeGraphs(forward, engine.attention, max_num_seqs, max_model_len, capture=True)
+    except Exception as error:  # an operation that cannot be captured: serve eagerly, and say why
+        report["fallbacks"].append(f"cuda_graphs: capture failed ({type(error).__name__}: {str(error)[:240]})")
+        return forward
     report.update(cuda_graphs=True, capture_seconds=time.perf_counter() - start)
     return graphs
