@@ -9,7 +9,8 @@ In doing so, you will learn about:
     inside the forward when no kernel runs because the host is still deciding what to launch next
     (``fast/timeline.py``). At batch 1 the matmuls read every weight once; everything else is overhead to cut.
 
-What a "kernel" is depends on the device. On a GPU it is what ran on the GPU (CUDA kernel events). On a CPU it is an
+What a "kernel" is depends on the device. On a GPU it is what ran on the GPU (CUDA kernel events). On a CPU it is one
+of minillm's Triton launches (``triton::add_rmsnorm``..., whatever the interpreter runs inside), or an
 outermost ATen operator that moves data (``aten::linear``, ``aten::mul``...; views and other metadata-only ops
 are left out) called from Python: its children (``aten::linear`` -> ``aten::mm``) are inside its time, and the gaps are
 the Python and dispatcher time between such calls. A compiled forward's C++ kernels (``cpp_fused_*``) show up only
@@ -44,7 +45,7 @@ FAMILIES = [
     ("matmul", ("aten::linear", "aten::mm", "aten::addmm", "aten::bmm", "gemm", "gemv", "cutlass", "matmul",
                 "sm90_xmma")),
     ("attention", ("attention", "paged_decode", "flash", "softmax", "sdpa")),
-    ("fused (Triton)", ("add_rmsnorm", "rope_qk", "silu_mul")),
+    ("fused (Triton)", ("triton::", "add_rmsnorm", "rope_qk", "silu_mul")),
     ("fused (compiled)", ("cpp_fused", "triton_poi", "triton_red", "triton_per")),  # inductor's own kernels
     ("KV store / gather", ("index", "gather", "scatter", "store_kv", "masked")),
 ]
@@ -133,6 +134,20 @@ def profile_decode_steps(llm, batch_size: int = 1, num_steps: int = 4, prompt_le
     return _tables(prof.events(), num_steps, "cuda" if is_cuda else "cpu")
 
 
+def _is_cpu_kernel(event) -> bool:
+    """A compiled kernel, one of our Triton launches, or an outermost data-moving ATen operator outside both."""
+    if "cpp_fused" in event.name or event.name.startswith("triton::"):
+        return True
+    if not event.name.startswith("aten::") or event.name in METADATA_OPS:
+        return False
+    parent = event.cpu_parent
+    while parent is not None:  # inside another operator, or inside a Triton launch (the interpreter's own ops)
+        if parent.name.startswith(("aten::", "triton::")):
+            return False
+        parent = parent.cpu_parent
+    return True
+
+
 def _tables(events, num_steps: int, device: str) -> StepProfile:
     steps = sorted((e for e in events if e.name == "minillm.step"), key=lambda e: e.time_range.start)
     forwards = [e for e in events if e.name == "minillm.forward"]
@@ -146,9 +161,7 @@ def _tables(events, num_steps: int, device: str) -> StepProfile:
     if device == "cuda":
         kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
     else:
-        kernels = [e for e in events if "cpp_fused" in e.name or (
-            e.name.startswith("aten::") and e.name not in METADATA_OPS
-            and not (e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::")))]
+        kernels = [e for e in events if _is_cpu_kernel(e)]
     rows = []
     for e in kernels:
         start = e.time_range.start
