@@ -12,6 +12,7 @@ taking turns for ``--repeats`` rounds (the median round is reported):
 - tokens/s against batch size (1..16 on a CPU, 1..64 on a GPU; random prompts of 32 tokens) for both minillm systems,
   each point as a fraction of the decode roofline at that batch size and context: bandwidth (measured here, and the
   datasheet's on a known GPU) / bytes a step reads (``bench/roofline.py``);
+- on a GPU, each fused Triton kernel (``fast/fused.py``) against its unfused torch reference at 1, 64 and 2048 tokens;
 - a prefill (no cache, 64 tokens) in minillm's eager forward and in ONNX Runtime (CPU only; ``fast/onnx_runtime.py``),
   with the largest logit difference: what a graph runtime gives a fixed-shape forward, and it cannot page a cache.
 Writes JSON + PNG. Timings, not tests: CI runs this only at tiny sizes (``gpu_check --dry-run``).
@@ -89,6 +90,30 @@ def onnx_prefill(model, num_tokens: int, repeats: int) -> dict:
         diff = compare_logits(model, runner, ids)
     return {"num_tokens": num_tokens, "export_and_load_s": export_s, "minillm_eager_ms": minillm_ms,
             "onnxruntime_ms": ort_ms, "onnxruntime_speedup": minillm_ms / ort_ms, **diff}
+
+
+def fused_kernels(model, device: torch.device, token_counts=(1, 64, 2048)) -> list[dict]:
+    """Each fused Triton kernel against its unfused torch reference at decode and prefill sizes (GPU only: on a CPU
+    the kernels run in Triton's interpreter, which checks them but says nothing about speed)."""
+    from minillm.bench.common import time_fn
+    from minillm.fast import fused
+
+    cfg, dtype = model.config, next(model.parameters()).dtype
+    C, H, Hkv, D, I = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
+    rows = []
+    for N in token_counts:
+        def t(*shape):
+            return torch.randn(*shape, device=device, dtype=dtype)
+
+        x, r, w, q, k, gate, up = t(N, C), t(N, C), t(C), t(N, H, D), t(N, Hkv, D), t(N, I), t(N, I)
+        cos, sin = t(N, D), t(N, D)
+        for name, args in [("add_rmsnorm", (x, r, w, 1e-5)), ("rope_qk", (q, k, cos, sin)), ("silu_mul", (gate, up))]:
+            kernel, reference = getattr(fused, name), getattr(fused, f"{name}_ref")
+            ms_fused = time_fn(lambda: kernel(*args), warmup=3, iters=20, device=device)
+            ms_ref = time_fn(lambda: reference(*args), warmup=3, iters=20, device=device)
+            rows.append({"kernel": name, "num_tokens": N, "fused_ms": ms_fused, "unfused_ms": ms_ref,
+                         "speedup": ms_ref / ms_fused})
+    return rows
 
 
 def plot(record: dict, title: str):
@@ -215,7 +240,9 @@ def main(argv: list[str] | None = None) -> None:
             prefill = onnx_prefill(model, args.prefill_tokens, max(3, args.repeats))
         except Exception as e:
             prefill = {"error": f"{type(e).__name__}: {e}"}
+    kernels = fused_kernels(model, device) if gpu else {"skipped": "Triton runs interpreted on a CPU: not timed"}
     record = {
+        "fused_kernels": kernels,
         "workload": {"prompt": CHAT, "prompt_tokens": len(prompt), "max_tokens": max_tokens, "dtype": str(dtype),
                      "greedy": True, "ignore_eos": True, "repeats": args.repeats, "sweep_context_len": context},
         "execution": {name: llm.stats()["execution"] for name, llm in systems.items()},
