@@ -96,6 +96,9 @@ def decode_headline(r: dict) -> dict[str, Any]:
         if row["batch_size"] in (1, max(x["batch_size"] for x in r["batch_sweep"])):
             h[f"{row['system']} batch {row['batch_size']}: fraction of roofline"] = row["fraction_of_roofline"]
     h.update({k: v for k, v in r["same_tokens"].items()})
+    if isinstance(r.get("fused_kernels"), list):
+        h.update({f"fused {row['kernel']} / unfused speed, {row['num_tokens']} token(s)": row["speedup"]
+                  for row in r["fused_kernels"] if row["num_tokens"] == 1})
     h.update({f"{name} error": s["error"] for name, s in r["batch1"].items() if "error" in s})
     return h
 

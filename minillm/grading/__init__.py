@@ -41,6 +41,7 @@ from minillm.grading.ch06_quantization import *  # noqa: F401,F403
 from minillm.grading.ch07_pruning import *  # noqa: F401,F403
 from minillm.grading.ch08_distillation import *  # noqa: F401,F403
 from minillm.grading.ch09_speculative_decoding import *  # noqa: F401,F403
+from minillm.grading.ch10_fast_decoding import *  # noqa: F401,F403
 from minillm.grading.framework import (  # noqa: F401
     SEED_VARIABLE,
     Exercise,
