@@ -20,6 +20,7 @@ compiling). Notebook 10 draws the timeline.
 
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import dataclass
 
@@ -29,6 +30,10 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from minillm.engine.sampling import SamplingParams
 from minillm.fast.timeline import kernel_gaps
+
+# Kineto, the profiler's backend, logs every start and stop (with a timestamp and the process id) to stderr; quiet it
+# before it first starts, or each notebook output would hold those lines.
+os.environ.setdefault("KINETO_LOG_LEVEL", "6")
 
 REGIONS = ("minillm.schedule", "minillm.prepare", "minillm.forward")
 # Leaf operators that only change metadata (shape, strides, dtype bookkeeping): no memory is read, no kernel runs.
