@@ -95,7 +95,7 @@ TOPICS: dict[str, TopicPlan] = {
     # tens of seconds).
     "decode": TopicPlan(
         ("--max-tokens", "128", "--batch-sizes", "1,4,16,64", "--repeats", "2"),
-        ("--max-tokens", "3", "--batch-sizes", "1,2", "--repeats", "1", "--peers", "minillm_eager"),
+        ("--max-tokens", "3", "--batch-sizes", "1", "--repeats", "1", "--peers", "minillm_eager"),
         45.0,
     ),
     # On a GPU half the default 256 requests (still 64 sequences per step, lengths 64..512): four systems serve the
