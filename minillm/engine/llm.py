@@ -33,7 +33,9 @@ from __future__ import annotations
 
 import copy
 import itertools
+import os
 import threading
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -76,6 +78,8 @@ class LLM:
         speculative_config: dict | None = None,
         enforce_eager: bool | None = None,
         compile: bool | None = None,
+        tensor_parallel_size: int = 1,
+        distributed_backend: str | None = None,
     ):
         if kv_cache not in KV_CACHES:
             raise ValueError(f"unknown kv_cache {kv_cache!r}; choose one of {KV_CACHES}")
@@ -91,7 +95,23 @@ class LLM:
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
 
-        if isinstance(model, torch.nn.Module):
+        self._tp, self.is_driver = None, True  # is_driver: False only on torchrun's ranks > 0
+        if tensor_parallel_size != 1:  # chapter 11 (minillm/parallel/): one shard of every layer per process
+            check_tensor_parallel_options(tensor_parallel_size, kv_cache, quantization, speculative_config,
+                                          enforce_eager, compile)
+            from minillm.parallel.executor import TensorParallelExecutor
+
+            self.device = resolve_device(device)
+            self.dtype = resolve_dtype(dtype, self.device)
+            self._tp = TensorParallelExecutor(model, tensor_parallel_size, self.device, self.dtype, distributed_backend,
+                                              attention_backend, block_size, kv_cache_dtype)
+            if self._tp.rank != 0:  # torchrun's other ranks serve rank 0's steps until it closes
+                self.is_driver = False
+                self._tp.join_as_worker()
+                return
+            weakref.finalize(self, self._tp.shutdown)  # the workers end with this object, or at exit
+            self.model, self.tokenizer = self._tp.model, self._tp.tokenizer
+        elif isinstance(model, torch.nn.Module):
             if tokenizer is None:
                 raise ValueError("pass tokenizer=... together with a model object")
             self.device, self.dtype = next(model.parameters()).device, next(model.parameters()).dtype
@@ -115,11 +135,18 @@ class LLM:
         self.max_model_len = check_max_model_len(max_model_len, self.config.max_position_embeddings)
         self.eos_token_ids = sorted(set(self.config.eos_token_ids) | {t for t in [self.tokenizer.eos_token_id] if t is not None})
         self.kv_cache = kv_cache
-        self.engine = self._make_engine(
-            kv_cache, scheduler=scheduler, block_size=block_size, max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens, num_kv_blocks=num_kv_blocks,
-            enable_prefix_caching=enable_prefix_caching, kv_cache_dtype=kv_cache_dtype,
-        )
+        try:
+            self.engine = self._make_engine(
+                kv_cache, scheduler=scheduler, block_size=block_size, max_num_seqs=max_num_seqs,
+                max_num_batched_tokens=max_num_batched_tokens, num_kv_blocks=num_kv_blocks,
+                enable_prefix_caching=enable_prefix_caching, kv_cache_dtype=kv_cache_dtype,
+            )
+            if self._tp is not None:
+                self._tp.attach(self.engine)  # workers size their pools like rank 0's; every step is broadcast
+                enforce_eager = True
+        except BaseException:
+            self.close()  # no worker outlives a failed construction
+            raise
         # Chapter 10 (minillm/fast/): the engine calls the model eagerly, compiled, or replays decode steps as CUDA
         # graphs; chosen once, here, falling back to eager with a reason stats() reports.
         forward, self._execution = choose_execution(self.model, self.device, self.attention_backend, kv_cache,
@@ -136,6 +163,18 @@ class LLM:
         self._seq_ids = itertools.count()
         self._request_ids = itertools.count()
         self._lock = threading.RLock()  # one engine, many callers: see "Thread safety" above
+
+    def close(self) -> None:
+        """End the tensor-parallel workers (nothing to do on one process); the LLM refuses new work afterwards."""
+        if self._tp is not None:
+            with self._lock:
+                self._tp.shutdown()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def _make_engine(self, kv_cache: str, **options):
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -180,6 +219,11 @@ class LLM:
             )
         return ids
 
+    def _check_driver(self) -> None:
+        if not self.is_driver:
+            raise RuntimeError(f"this process is rank {self._tp.rank} of a torchrun job: it served rank 0's steps "
+                               "until rank 0 closed its LLM; only rank 0 takes requests (guard with llm.is_driver)")
+
     def _is_single_prompt(self, prompts) -> bool:
         if isinstance(prompts, str):
             return True
@@ -187,6 +231,7 @@ class LLM:
 
     def add_request(self, prompt: Prompt, params: SamplingParams) -> list[Sequence]:
         """Queue one prompt; returns its n sequences (their request_id is shared). All or nothing is queued."""
+        self._check_driver()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
         with self._lock:  # tokenizers are not safe to call from several threads at once
@@ -215,7 +260,11 @@ class LLM:
                 return
             if not self.engine.has_unfinished():
                 raise RuntimeError("the engine has nothing left to run but a request is unfinished; please report this")
-            self.engine.step()
+            if self._tp is None:
+                self.engine.step()
+            else:
+                with self._tp.step():  # every rank runs the step; a Ctrl-C waits for its end
+                    self.engine.step()
 
     def _abort_unfinished(self, seqs: list[Sequence]) -> None:
         with self._lock:
@@ -231,6 +280,7 @@ class LLM:
         use_tqdm: bool | None = None,
     ) -> list[RequestOutput]:
         """Run every prompt to completion. `params` may be one SamplingParams for all or one per prompt."""
+        self._check_driver()
         if self._is_single_prompt(prompts):
             prompts = [prompts]
         if not isinstance(prompts, list) or not prompts:
@@ -293,8 +343,23 @@ class LLM:
         with self._lock:
             fallbacks = dict(fallback_counts() - self._fallbacks_base)  # "what: why" -> calls, since construction
             graphs = self.engine.model.stats() if isinstance(self.engine.model, DecodeGraphs) else {}
+            parallel = {} if self._tp is None else {"tensor_parallel": self._tp.stats()}
             return {"kv_cache": self.kv_cache, "attention_backend": self.attention_backend,
-                    "kernel_fallbacks": fallbacks, "execution": {**self._execution, **graphs}, **self.engine.stats()}
+                    "kernel_fallbacks": fallbacks, "execution": {**self._execution, **graphs}, **parallel,
+                    **self.engine.stats()}
+
+
+def check_tensor_parallel_options(size, kv_cache, quantization, speculative_config, enforce_eager, compile) -> None:
+    """What tensor parallelism (chapter 11) combines with, refused before any process starts."""
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise ValueError(f"tensor_parallel_size must be a positive int, got {size!r}")
+    refused = [(kv_cache != "paged", f"kv_cache={kv_cache!r} (the workers mirror a paged pool; use 'paged')"),
+               (quantization is not None, f"quantization={quantization!r}"),
+               (speculative_config is not None, "speculative_config"),
+               (enforce_eager is False or compile is True, "torch.compile / CUDA graphs (enforce_eager=False, compile)")]
+    for wrong, what in refused:
+        if wrong:
+            raise ValueError(f"tensor_parallel_size={size} does not combine with {what} in minillm")
 
 
 def check_max_model_len(max_model_len: int | None, model_max: int) -> int:

@@ -1,0 +1,7 @@
+"""Chapter 11: tensor parallelism on torch.distributed (gloo on a CPU, NCCL on GPUs).
+
+heads.py (which rank holds which query and KV heads) · layers.py (column/row-parallel linears, vocabulary-parallel
+embedding and LM head) · comm.py (the counted collectives and their predicted volume) · shard.py (one rank's model,
+read slice by slice from the checkpoint) · executor.py (rank 0 schedules and broadcasts, every rank runs its shard).
+``minillm.LLM(..., tensor_parallel_size=N)`` is the front door; notebook 11 builds it up.
+"""
