@@ -142,21 +142,69 @@ def serve_steps(model, cache, kernel: str, block_size: int, group, comm_device: 
             model(ids, pos, attention, metadata, logits_at=logits_at)
 
 
-def worker_main(rank: int, world_size: int, port: int, options: dict) -> None:
-    """Entry point of a spawned worker: meet the others through rank 0's key-value store, then serve steps."""
+def worker_main(rank: int, world_size: int, port: int, backend: str, threads: int, job, job_args: tuple) -> None:
+    """Entry point of a spawned worker: meet the others through rank 0's key-value store, then run
+    ``job(rank, world_size, group, *job_args)`` (``run_worker`` for an LLM's workers)."""
     try:
-        if options["threads"]:
-            torch.set_num_threads(options["threads"])
+        if threads:
+            torch.set_num_threads(threads)
         store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False, timeout=JOIN_TIMEOUT)
         store.add("joined", 1)  # rank 0 waits for this count, watching for workers that die first
-        dist.init_process_group(options["backend"], store=store, rank=rank, world_size=world_size, timeout=IDLE_TIMEOUT)
-        run_worker(rank, world_size, dist.group.WORLD, options)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=IDLE_TIMEOUT)
+        job(rank, world_size, dist.group.WORLD, *job_args)
     except Exception:
         traceback.print_exc()
         os._exit(1)  # at once: rank 0's next collective fails with "connection closed" and reports this rank
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def spawn_workers(world_size: int, backend: str, threads: int, job, job_args: tuple) -> list:
+    """Start ranks 1..W-1 (each runs `job` in `worker_main`) and meet them as rank 0: a TCP key-value store on
+    127.0.0.1 where each worker checks in, then ``init_process_group`` on it. Raises, with no worker left running,
+    when one dies before checking in."""
+    port = _free_port()
+    store = dist.TCPStore("127.0.0.1", port, world_size, is_master=True, wait_for_workers=False, timeout=JOIN_TIMEOUT)
+    context = mp.get_context("spawn")  # a fresh interpreter: fork would copy this process's threads and locks
+    workers = []
+    for rank in range(1, world_size):
+        worker = context.Process(target=worker_main, args=(rank, world_size, port, backend, threads, job, job_args),
+                                 name=f"minillm-tp-rank{rank}", daemon=True)
+        worker.start()
+        workers.append(worker)
+    deadline = time.monotonic() + JOIN_TIMEOUT.total_seconds()
+    while store.add("joined", 0) < world_size - 1:  # watch for a worker that dies before checking in
+        exits = worker_exits(workers)
+        if exits or time.monotonic() > deadline:
+            end_workers(workers)
+            raise RuntimeError(f"the tensor-parallel workers did not start: {exits or 'timed out'}. A script that "
+                               "creates the LLM at import time needs `if __name__ == '__main__':` (the workers are "
+                               "spawned: they import the main module)")
+        time.sleep(0.05)
+    dist.init_process_group(backend, store=store, rank=0, world_size=world_size, timeout=IDLE_TIMEOUT)
+    return workers
+
+
+def worker_exits(workers: list, wait: float = 0.0) -> str:
+    """'worker rank r (pid p) exited with code c' for each worker that has died, '' when none has."""
+    dead = []
+    for rank, worker in enumerate(workers, start=1):
+        worker.join(timeout=wait if worker.is_alive() else 0)
+        if worker.exitcode not in (None, 0):
+            dead.append(f"worker rank {rank} (pid {worker.pid}) exited with code {worker.exitcode}")
+    return "; ".join(dead)
+
+
+def end_workers(workers: list) -> None:
+    """Terminate, then kill, whatever is still running."""
+    for worker in workers:
+        if worker.is_alive():
+            worker.terminate()
+            worker.join(timeout=5)
+        if worker.is_alive():
+            worker.kill()
+            worker.join()
 
 
 def run_worker(rank: int, world_size: int, group, options: dict) -> None:
@@ -245,7 +293,10 @@ class TensorParallelExecutor:
                 dist.init_process_group(self.backend, init_method="env://", timeout=IDLE_TIMEOUT)
         else:
             self.rank = 0
-            self._spawn_workers(threads)
+            self.workers = spawn_workers(world_size, self.backend, self.options["threads"], run_worker,
+                                         (self.options,))
+            if threads:
+                torch.set_num_threads(threads)  # W ranks share this machine's cores
         self.group = dist.group.WORLD
         if self.rank == 0:
             try:
@@ -254,30 +305,6 @@ class TensorParallelExecutor:
             except BaseException:
                 self.shutdown()
                 raise
-
-    def _spawn_workers(self, threads: int) -> None:
-        """Start ranks 1..W-1 and meet them: a TCP key-value store on 127.0.0.1 where each worker checks in."""
-        port = _free_port()
-        store = dist.TCPStore("127.0.0.1", port, self.world_size, is_master=True, wait_for_workers=False,
-                              timeout=JOIN_TIMEOUT)
-        context = mp.get_context("spawn")  # a fresh interpreter: fork would copy this process's threads and locks
-        for rank in range(1, self.world_size):
-            worker = context.Process(target=worker_main, args=(rank, self.world_size, port, self.options),
-                                     name=f"minillm-tp-rank{rank}", daemon=True)
-            worker.start()
-            self.workers.append(worker)
-        deadline = time.monotonic() + JOIN_TIMEOUT.total_seconds()
-        while store.add("joined", 0) < self.world_size - 1:  # watch for a worker that dies before checking in
-            exits = self._worker_exits()
-            if exits or time.monotonic() > deadline:
-                self._end_workers()
-                raise RuntimeError(f"the tensor-parallel workers did not start: {exits or 'timed out'}. A script "
-                                   "that creates the LLM at import time needs `if __name__ == '__main__':` (the "
-                                   "workers are spawned: they import the main module)")
-            time.sleep(0.05)
-        if threads:
-            torch.set_num_threads(threads)  # W ranks share this machine's cores
-        dist.init_process_group(self.backend, store=store, rank=0, world_size=self.world_size, timeout=IDLE_TIMEOUT)
 
     # -- rank 0 --------------------------------------------------------------------------------------------------
     def attach(self, engine) -> None:
@@ -305,22 +332,13 @@ class TensorParallelExecutor:
         except KeyboardInterrupt:
             raise  # held until the step ended: every rank finished it, nothing to clean up
         except BaseException as err:
-            exits = self._worker_exits(wait=2.0)
+            exits = worker_exits(self.workers, wait=2.0)
             self.failure = exits or f"{type(err).__name__} in a step: {err}"
             self.shutdown()
             if exits:
                 raise RuntimeError(f"tensor-parallel {exits}; its traceback is above. The other workers were "
                                    "shut down; create a new LLM") from err
             raise
-
-    def _worker_exits(self, wait: float = 0.0) -> str:
-        """'worker rank r (pid p) exited with code c' for each worker that has died, '' when none has."""
-        dead = []
-        for rank, worker in enumerate(self.workers, start=1):
-            worker.join(timeout=wait if worker.is_alive() else 0)
-            if worker.exitcode not in (None, 0):
-                dead.append(f"worker rank {rank} (pid {worker.pid}) exited with code {worker.exitcode}")
-        return "; ".join(dead)
 
     def stats(self) -> dict:
         return {"world_size": self.world_size, "backend": self.backend, "rank0_threads": torch.get_num_threads(),
@@ -343,18 +361,9 @@ class TensorParallelExecutor:
         self.failure = self.failure or "closed"
         for worker in self.workers:
             worker.join(timeout=10)
-        self._end_workers()
+        end_workers(self.workers)
         dist.destroy_process_group()
         torch.set_num_threads(self._threads_before)
-
-    def _end_workers(self) -> None:
-        for worker in self.workers:
-            if worker.is_alive():
-                worker.terminate()
-                worker.join(timeout=5)
-            if worker.is_alive():
-                worker.kill()
-                worker.join()
 
     # -- torchrun's ranks > 0 ------------------------------------------------------------------------------------
     def join_as_worker(self) -> None:
@@ -363,3 +372,39 @@ class TensorParallelExecutor:
             run_worker(self.rank, self.world_size, self.group, self.options)
         finally:
             dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One forward pass, no engine: the layers' parity check (tests, notebook 11)
+
+
+def _forward_job(rank: int, world_size: int, group, model: str, input_ids: torch.Tensor) -> torch.Tensor:
+    config, files, prefix, _ = checkpoint_source(model)
+    shard = build_shard(config, checkpoint_reader(files, prefix), plan_shards(config, world_size)[rank], group)
+    with torch.no_grad():
+        return shard(input_ids)  # (B, T, V) on every rank: the LM head all-gathers
+
+
+def sharded_forward(model: str, world_size: int, input_ids: torch.Tensor) -> torch.Tensor:
+    """Logits (B, T, V) of `input_ids` (B, T) with the model split over `world_size` CPU processes (gloo), no cache."""
+    if dist.is_initialized():
+        raise RuntimeError("torch.distributed is already initialized in this process; close the tensor-parallel LLM "
+                           "first")
+    check_head_split(*_head_counts(model), world_size)
+    threads_before = torch.get_num_threads()
+    threads = max(1, (os.cpu_count() or 1) // world_size)
+    workers = spawn_workers(world_size, "gloo", threads, _forward_job, (model, input_ids))
+    try:
+        torch.set_num_threads(threads)
+        return _forward_job(0, world_size, dist.group.WORLD, model, input_ids)
+    finally:
+        for worker in workers:
+            worker.join(timeout=30)
+        end_workers(workers)
+        dist.destroy_process_group()
+        torch.set_num_threads(threads_before)
+
+
+def _head_counts(model: str) -> tuple[int, int]:
+    config = checkpoint_source(model)[0]
+    return config.num_heads, config.num_kv_heads
