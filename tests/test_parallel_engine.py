@@ -47,6 +47,18 @@ def test_a_dead_worker_raises_and_leaves_nothing_behind():
         llm.generate("Hello", PARAMS)
 
 
+def test_torchrun_runs_the_same_engine():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    torchrun = Path(sys.executable).with_name("torchrun")
+    result = subprocess.run([str(torchrun), "--nproc-per-node", "2", "-m", "minillm.parallel", "--max-tokens", "4",
+                             "What is 2+2?"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "2 ranks (gloo)" in result.stdout and "> What is 2+2?" in result.stdout
+
+
 def test_bad_configurations_are_refused_before_any_process_starts():
     cases = [
         (dict(tensor_parallel_size=10), ValueError, "larger than the model's 9 query heads"),

@@ -15,6 +15,9 @@ they offer the same five methods: ``add(seq, parent)``, ``step() -> seqs that go
 a few tokens per decoding sequence and the target verifies them in the same forward pass; the output is what it would
 be without (greedy) or distributed as it would be (sampling).
 
+``tensor_parallel_size`` (paged only, chapter 11, ``minillm/parallel/``) splits every layer over that many processes:
+this one is rank 0 and keeps the scheduler, the block manager and the sampler; ``close()`` ends the workers.
+
 The request lifecycle cannot leak:
   * each request's `Sequence`s collect its own tokens and text, and every consumer reads only its own requests
     (a stream keeps a cursor into its text), so `generate`, several interleaved `stream`s and other threads can
@@ -24,16 +27,16 @@ The request lifecycle cannot leak:
     an engine step that raises first preempts what it was running, so the engine is left clean;
   * a request is validated completely before any of its sequences is queued.
 
-Thread safety: an `LLM` may be used from several threads at once. One lock guards the engine: submitting, aborting
-and each engine step hold it, so the threads take turns stepping the shared engine, and every step advances
-everyone's requests. A model object passed in is never changed: with ``quantization`` the engine quantizes a copy.
+Thread safety: an `LLM` may be used from several threads at once (a tensor-parallel one too: only rank 0's threads
+ever touch the engine). One lock guards the engine: submitting, aborting and each engine step hold it, so the
+threads take turns stepping the shared engine, and every step advances everyone's requests. A model object passed in
+is never changed: with ``quantization`` the engine quantizes a copy.
 """
 
 from __future__ import annotations
 
 import copy
 import itertools
-import os
 import threading
 import weakref
 from collections.abc import Iterator
@@ -356,7 +359,7 @@ def check_tensor_parallel_options(size, kv_cache, quantization, speculative_conf
     refused = [(kv_cache != "paged", f"kv_cache={kv_cache!r} (the workers mirror a paged pool; use 'paged')"),
                (quantization is not None, f"quantization={quantization!r}"),
                (speculative_config is not None, "speculative_config"),
-               (enforce_eager is False or compile is True, "torch.compile / CUDA graphs (enforce_eager=False, compile)")]
+               (enforce_eager is False or compile is True, "torch.compile or CUDA graphs (enforce_eager=False)")]
     for wrong, what in refused:
         if wrong:
             raise ValueError(f"tensor_parallel_size={size} does not combine with {what} in minillm")

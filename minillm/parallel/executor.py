@@ -120,6 +120,10 @@ class BroadcastingPagedAttention(PagedAttention):
         self.executor.broadcast_step(out.copies, inputs)
         return inputs
 
+    def start_run(self) -> None:
+        super().start_run()
+        COUNTERS.reset()  # stats() describes the last run: its collectives too
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Workers
@@ -269,7 +273,6 @@ class TensorParallelExecutor:
         self.config, files, prefix, self.tokenizer = checkpoint_source(str(model))
         check_head_split(self.config.num_heads, self.config.num_kv_heads, world_size)  # before any process starts
         self.shards = plan_shards(self.config, world_size)
-        COUNTERS.reset()  # stats() reports this LLM's collectives
         kernel = resolve_kernel(attention_backend, device, self.config.head_dim, dtype)
         self.torchrun = launched_by_torchrun()
         if dist.is_initialized() and not self.torchrun:

@@ -50,7 +50,8 @@ def plan_shards(config: ModelConfig, world_size: int) -> list[RankShard]:
     # Equal vocabulary slices (all-gather wants equal sizes), the last one padded.
     rows = -(-config.vocab_size // world_size)
     starts = [sum(mlp[:r]) for r in range(world_size)]
-    return [RankShard(r, world_size, heads[r], starts[r], starts[r] + mlp[r], r * rows, rows) for r in range(world_size)]
+    return [RankShard(r, world_size, heads[r], starts[r], starts[r] + mlp[r], r * rows, rows)
+            for r in range(world_size)]
 
 
 def local_config(config: ModelConfig, shard: RankShard) -> ModelConfig:
@@ -106,7 +107,8 @@ def build_shard(config: ModelConfig, read: Reader, shard: RankShard, group=None,
 
     V, v0, rows = config.vocab_size, shard.vocab_start, shard.vocab_rows
     model.embed_tokens = VocabParallelEmbedding(rows, C, v0, V, group)
-    model.embed_tokens.weight = torch.nn.Parameter(_padded_rows(load("embed_tokens.weight", 0, v0, min(v0 + rows, V)), rows))
+    embedding = load("embed_tokens.weight", 0, v0, min(v0 + rows, V))  # (rows or fewer, C)
+    model.embed_tokens.weight = torch.nn.Parameter(_padded_rows(embedding, rows))
     if config.tie_word_embeddings:
         head = model.embed_tokens.weight
     else:
@@ -184,8 +186,9 @@ def checkpoint_source(name_or_path: str) -> tuple[ModelConfig, list[Path], str, 
     if not path.is_dir():
         if str(name_or_path).count("/") != 1 or path.exists():
             raise ValueError(
-                f"unknown model {str(name_or_path)!r}: not one of the embedded models {sorted(loading.EMBEDDED_MODELS)}, "
-                "not an existing .gguf file or folder, and not a hub id like 'org/name'"
+                f"unknown model {str(name_or_path)!r}: not one of the embedded models "
+                f"{sorted(loading.EMBEDDED_MODELS)}, not an existing .gguf file or folder, and not a hub id like "
+                "'org/name'"
             )
         path = loading.download_from_hub(str(name_or_path))
     files = sorted(path.glob("*.safetensors"))
