@@ -55,9 +55,13 @@ WRONG_ANSWERS = [
     pytest.param(check_softmax, softmax_wrong_axis, id="toy-softmax-wrong-axis"),
     pytest.param(check_softmax, softmax_unstable, id="toy-softmax-no-max-subtraction"),
 ]
+# A chapter may name checks that are slow to run once (they generate text or train a model) in SLOW_CHECK_SEEDS,
+# check -> seeds: the seed sweeps below run them on that many seeds instead of 20.
+SEEDS: dict = {}
 for chapter in CHAPTERS:
     RIGHT_ANSWERS += chapter.RIGHT_ANSWERS
     WRONG_ANSWERS += chapter.WRONG_ANSWERS
+    SEEDS.update(getattr(chapter, "SLOW_CHECK_SEEDS", {}))
 
 
 VERDICT = re.compile(r"^Exercise \d+\.\d+ passed: (\d+)/\1 checks$")
@@ -77,7 +81,7 @@ def test_right_answer_passes_with_one_line(check, answer, capsys):
 def test_right_answer_passes_on_20_seeds(check, answer, monkeypatch, capsys):
     """The random cases never reject a right answer: 20 seeds, the same verdict line each time."""
     verdicts = set()
-    for seed in range(20):
+    for seed in range(SEEDS.get(check, 20)):
         monkeypatch.setenv("MINILLM_GRADING_SEED", str(seed))
         check(answer)
         verdicts.add(capsys.readouterr().out)
@@ -95,7 +99,7 @@ def test_wrong_answer_fails(check, answer, capsys):
 @pytest.mark.parametrize("check, answer", WRONG_ANSWERS)
 def test_wrong_answer_fails_on_20_seeds(check, answer, monkeypatch, capsys):
     """A wrong answer fails whatever the seed, so a verdict never depends on the luck of the draw."""
-    for seed in range(20):
+    for seed in range(SEEDS.get(check, 20)):
         monkeypatch.setenv("MINILLM_GRADING_SEED", str(seed))
         with pytest.raises(AssertionError, match=r"check \d+ failed"):
             check(answer)
