@@ -98,6 +98,9 @@ TOPICS: dict[str, TopicPlan] = {
         ("--max-tokens", "3", "--batch-sizes", "1", "--repeats", "1", "--peers", "minillm_eager"),
         45.0,
     ),
+    # Tensor parallelism needs >= 2 GPUs: on one GPU the topic only records why it skipped; on several, W = 1 and 2
+    # at the quick size. The dry run: W = 1 and 2 processes on the CPU, a few tokens.
+    "tp": TopicPlan(("--quick", "--world-sizes", "1,2"), ("--quick", "--world-sizes", "1,2"), 10.0),
     # On a GPU half the default 256 requests (still 64 sequences per step, lengths 64..512): four systems serve the
     # workload one after another, and at 256 transformers' two alone could take minutes. The dry run leaves out
     # transformers' peers, whose model load doubles its time; the engine benchmark's own CPU run covers them.
@@ -105,7 +108,7 @@ TOPICS: dict[str, TopicPlan] = {
         ("--num-requests", "128"),
         ("--num-requests", "4", "--min-len", "4", "--max-len", "8", "--max-num-seqs", "2", "--repeats", "1",
          "--peers", "minillm_continuous,minillm_static"),
-        55.0,
+        45.0,
     ),
 }
 

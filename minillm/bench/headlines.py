@@ -103,6 +103,26 @@ def decode_headline(r: dict) -> dict[str, Any]:
     return h
 
 
+def tp_headline(r: dict) -> dict[str, Any]:
+    h: dict[str, Any] = {}
+    for part in ("cpu", "gpu"):
+        rows = r[part].get("rows", [])
+        for row in rows[1:]:
+            W = row["world_size"]
+            h[f"{part} W={W} / W=1 decode tokens/s"] = row["speedup"]
+            h[f"{part} W={W}: collectives / compute time"] = row["comm_to_compute"]
+            if part == "gpu":
+                h[f"gpu W={W}: scaling efficiency"] = row["scaling_efficiency"]
+        if len(rows) > 1:
+            row = rows[-1]
+            h[f"{part} W={row['world_size']}: all-reduce bytes/token measured / predicted"] = (
+                row["allreduce_bytes_per_token"] / row["allreduce_bytes_per_token_predicted"])
+            h[f"{part}: same tokens as W=1"] = all(x["same_tokens_as_world_size_1"] for x in rows)
+    if "skipped" in r["gpu"]:
+        h["gpu sweep skipped"] = r["gpu"]["skipped"]
+    return h
+
+
 def key_numbers(r: dict) -> dict[str, Any]:
     """For a topic without a headline function: its top-level numbers."""
     return {k: v for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -110,4 +130,4 @@ def key_numbers(r: dict) -> dict[str, Any]:
 
 HEADLINES = {"roofline": roofline_headline, "attention": attention_headline, "kvcache": kvcache_headline,
              "paged": paged_headline, "quant": quant_headline, "prune": prune_headline, "distill": distill_headline,
-             "engine": engine_headline, "spec": spec_headline, "decode": decode_headline}
+             "engine": engine_headline, "spec": spec_headline, "decode": decode_headline, "tp": tp_headline}

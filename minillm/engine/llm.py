@@ -126,7 +126,8 @@ class LLM:
             self.device = resolve_device(device)
             self.dtype = resolve_dtype(dtype, self.device)
             self.model, self.tokenizer = load_model(model, device=self.device, dtype=self.dtype)
-        self.config = self.model.config
+        # The whole model's config (with tensor parallelism the model here is rank 0's slice, with its own head counts).
+        self.config = self._tp.config if self._tp is not None else self.model.config
         if quantization is not None:
             from minillm.quant import quantize_model
 

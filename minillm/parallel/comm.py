@@ -12,6 +12,8 @@ Every call here goes through ``torch.distributed`` (gloo on a CPU, NCCL on GPUs)
 calls, bytes handed to the collective, and seconds spent in it, which is how notebook 11 compares the measured
 traffic with ``allreduce_bytes_per_token``'s prediction and the time spent talking with the time spent computing.
 With no process group (``group=None``, one process) the collectives do nothing: a single shard is the whole model.
+The seconds are wall time around each call: exact with gloo, whose collectives return when done; NCCL's return
+once queued on the GPU, so on GPUs they count only the launch (read a profile for the kernels' time).
 """
 
 from __future__ import annotations
@@ -91,8 +93,6 @@ def ring_wire_bytes(payload_bytes: int, world_size: int) -> float:
 
 
 def weight_bytes_per_rank(shard_model: torch.nn.Module) -> int:
-    """Bytes of the weights one rank reads per decode step (each shared tensor once)."""
-    seen = {}
-    for p in shard_model.parameters():
-        seen[p.data_ptr()] = p.numel() * p.element_size()
-    return sum(seen.values())
+    """Bytes of the weights one rank reads per decode step (a tied embedding and LM head once: ``parameters()``
+    yields a shared parameter once)."""
+    return sum(p.numel() * p.element_size() for p in shard_model.parameters())

@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minillm.parallel.comm import all_gather_last_dim, all_reduce
+from minillm.parallel.heads import split_evenly
 
 
 class ColumnParallelLinear(nn.Linear):
@@ -74,3 +75,16 @@ class ParallelLMHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (..., C) -> (..., V)
         logits = F.linear(x, self.weight)  # (..., n)
         return all_gather_last_dim(logits, self.group)[..., : self.vocab_size]
+
+
+def split_linear(weight: torch.Tensor, world_size: int, how: str) -> list[torch.Tensor]:
+    """A dense (out, in) weight cut into `world_size` contiguous shards, sized as ``split_evenly`` (larger first).
+
+    how="column": rows of W, (out_r, in) each: rank r's slice of the output features (``ColumnParallelLinear``);
+    how="row": columns of W, (out, in_r) each: rank r's slice of the input features (``RowParallelLinear``).
+    The shards are views of `weight`. Exercise 11.1 rewrites this.
+    """
+    if how not in ("column", "row"):
+        raise ValueError(f"how must be 'column' or 'row', got {how!r}")
+    dim = 0 if how == "column" else 1  # column-parallel slices the output features, rows of W
+    return list(torch.split(weight, split_evenly(weight.shape[dim], world_size), dim=dim))
