@@ -152,6 +152,8 @@ def worker_main(rank: int, world_size: int, port: int, backend: str, threads: in
     try:
         if threads:
             torch.set_num_threads(threads)
+        if backend == "nccl":
+            torch.cuda.set_device(rank)  # before NCCL starts: each rank owns one GPU (one node: GPU r for rank r)
         store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False, timeout=JOIN_TIMEOUT)
         store.add("joined", 1)  # rank 0 waits for this count, watching for workers that die first
         dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=IDLE_TIMEOUT)
