@@ -142,9 +142,17 @@ def test_ctrl_c_waits_for_the_end_of_the_step():
     import os
     import signal
 
-    finished = False
-    with pytest.raises(KeyboardInterrupt):
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # CI may run us with SIGINT ignored
+    try:
+        finished = False
+        with pytest.raises(KeyboardInterrupt):
+            with _interrupts_after_step():
+                os.kill(os.getpid(), signal.SIGINT)
+                finished = True  # the step went on to its end
+        assert finished and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a process that ignores Ctrl-C keeps ignoring it
         with _interrupts_after_step():
             os.kill(os.getpid(), signal.SIGINT)
-            finished = True  # the step went on to its end
-    assert finished and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)

@@ -244,18 +244,26 @@ def _free_port() -> int:
 
 @contextmanager
 def _interrupts_after_step():
-    """Hold a Ctrl-C until the block ends, then raise it (only the main thread receives signals)."""
+    """Hold a Ctrl-C until the block ends, then hand it to the handler it was meant for (usually: raise
+    KeyboardInterrupt). Only the main thread receives signals; a process that ignores SIGINT keeps ignoring it."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is signal.SIG_IGN:
+        yield
+        return
     received = []
-    previous = signal.signal(signal.SIGINT, lambda *_: received.append(True))
+    signal.signal(signal.SIGINT, lambda *_: received.append(True))
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
     if received:
-        raise KeyboardInterrupt
+        if callable(previous):
+            previous(signal.SIGINT, None)  # the default handler raises KeyboardInterrupt
+        else:
+            raise KeyboardInterrupt
 
 
 class TensorParallelExecutor:
