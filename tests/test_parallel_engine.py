@@ -47,6 +47,12 @@ def test_a_dead_worker_raises_and_leaves_nothing_behind():
         llm.generate("Hello", PARAMS)
 
 
+def test_a_failed_construction_ends_its_workers():
+    with pytest.raises(ValueError, match="num_kv_blocks"):  # refused by the engine, after the workers started
+        minillm.LLM("smollm2-135m", tensor_parallel_size=2, num_kv_blocks=0)
+    assert not multiprocessing.active_children() and not dist.is_initialized()
+
+
 def test_torchrun_runs_the_same_engine():
     import subprocess
     import sys

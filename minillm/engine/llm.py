@@ -149,7 +149,8 @@ class LLM:
                 self._tp.attach(self.engine)  # workers size their pools like rank 0's; every step is broadcast
                 enforce_eager = True
         except BaseException:
-            self.close()  # no worker outlives a failed construction
+            if self._tp is not None:
+                self._tp.shutdown()  # no worker outlives a failed construction
             raise
         # Chapter 10 (minillm/fast/): the engine calls the model eagerly, compiled, or replays decode steps as CUDA
         # graphs; chosen once, here, falling back to eager with a reason stats() reports.
@@ -170,7 +171,7 @@ class LLM:
 
     def close(self) -> None:
         """End the tensor-parallel workers (nothing to do on one process); the LLM refuses new work afterwards."""
-        if self._tp is not None:
+        if self._tp is not None and self.is_driver:  # torchrun's other ranks end when rank 0 closes
             with self._lock:
                 self._tp.shutdown()
 

@@ -17,8 +17,8 @@ Lifecycle. ``TensorParallelExecutor`` spawns the workers (or, under ``torchrun``
 and ``shutdown()`` ends them: it is called by ``LLM.close()``, at interpreter exit, and after any failed step. A
 worker that dies makes rank 0's next collective fail at once ("connection closed"), and rank 0 then raises an error
 naming the rank and its exit code, and ends the other workers: no process is left behind. Ctrl-C during a step is
-held until the step ends (the ranks are in the middle of collectives that must all complete), then raised, so the
-engine stays usable; the caller's requests are aborted as usual.
+held until the step ends (the ranks are in the middle of collectives that must all complete), then delivered (the
+default handler raises KeyboardInterrupt), so the engine stays usable; the caller's requests are aborted as usual.
 """
 
 from __future__ import annotations
