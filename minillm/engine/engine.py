@@ -44,6 +44,9 @@ class Engine:
         """Queue `seq`; `parent`: another completion of the same request (n > 1), whose prompt blocks it will share."""
         if self.proposer is not None and seq.params.n > 1:
             raise ValueError(f"speculative decoding serves one completion per request; got n={seq.params.n}")
+        if self.proposer is not None and seq.params.logits_processors:
+            raise ValueError("speculative decoding verifies guesses without logits_processors (structured output); "
+                             "use an LLM without speculative_config for them")
         if not self.has_unfinished():
             self._start_run()
         self.scheduler.add(seq, parent if self.attention.forks_share_kv else None)

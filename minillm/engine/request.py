@@ -173,6 +173,9 @@ def sample_and_append(seqs: list[Sequence], logits: torch.Tensor) -> None:
     """Draw each sequence's next token from its row of logits (B, V) and append it (which may finish it)."""
     from minillm.engine.sampling import sample
 
+    for i, seq in enumerate(seqs):  # structured output: a processor masks the tokens its grammar forbids
+        for process in seq.params.logits_processors:
+            logits[i] = process(seq.output_token_ids, logits[i])
     tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
     for seq, token in zip(seqs, tokens):
         seq.append_token(token)

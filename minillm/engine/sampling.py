@@ -14,6 +14,7 @@ Shapes: B sequences in the batch, V vocab.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,9 @@ class SamplingParams:
     stop: str | list[str] | None = None  # stop strings; the text is cut before them
     n: int = 1  # completions per prompt (parallel sampling)
     stop_token_ids: list[int] | None = None
+    # Structured output (chapter 12, minillm/serve/structured.py): each is called as fn(output_token_ids, logits)
+    # on the sequence's row of logits (V,) before sampling, and returns it with the forbidden tokens at -inf.
+    logits_processors: list[Callable[[list[int], torch.Tensor], torch.Tensor]] | None = None
 
     def __post_init__(self):
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -54,6 +58,9 @@ class SamplingParams:
         if self.stop is not None and not all(isinstance(s, str) and s for s in self.stop):
             raise ValueError(f"stop must be a non-empty string or a list of them, got {self.stop!r}")
         self.stop_token_ids = list(self.stop_token_ids or [])
+        self.logits_processors = list(self.logits_processors or [])
+        if not all(callable(f) for f in self.logits_processors):
+            raise ValueError("logits_processors must be callables fn(output_token_ids, logits) -> logits")
 
     @property
     def is_greedy(self) -> bool:
