@@ -1,7 +1,9 @@
-"""Command line: ``python -m minillm generate|chat|bench|course|doctor``.
+"""Command line: ``python -m minillm generate|chat|serve|bench|course|doctor``.
 
     python -m minillm generate "What is the capital of France?"     # one answer, with tokens/s
     python -m minillm chat                                          # streaming chat in the terminal (lectures)
+    python -m minillm serve --port 8000                             # an OpenAI-compatible server (minillm/serve)
+    python -m minillm chat --server http://127.0.0.1:8000           # the chat, through that server
     python -m minillm bench attention                               # benchmarks (see minillm/bench)
     python -m minillm course build                                  # solutions/ -> exercises/
     python -m minillm doctor                                        # what this machine offers
@@ -54,24 +56,23 @@ def generate(args) -> None:
 
 
 def chat(args) -> None:
-    llm, params = _build(args)
-    history = []
-    print(f"Chatting with {args.model} on {llm.device}. Empty line or Ctrl-D to quit.")
-    while True:
-        try:
-            user = input("\nyou> ").strip()
-        except EOFError:
-            break
-        if not user:
-            break
-        history.append({"role": "user", "content": user})
-        print("bot> ", end="", flush=True)
-        reply = ""
-        for delta in llm.stream(history, params):
-            reply += delta
-            print(delta, end="", flush=True)
-        print()
-        history.append({"role": "assistant", "content": reply})
+    from minillm.serve.chat import LocalChat, RemoteChat, chat_loop
+
+    if args.server:
+        backend = RemoteChat(args.server, args.max_tokens, args.temperature, args.seed)
+    else:
+        llm, params = _build(args)
+        backend = LocalChat(llm, params, args.model)
+    chat_loop(backend)
+
+
+def serve(args) -> None:
+    from minillm.serve.app import serve as run_server
+
+    llm, _ = _build(args)
+    print(f"serving {args.model} on {llm.device} at http://{args.host}:{args.port}/v1 (Ctrl-C stops)", flush=True)
+    run_server(llm, args.served_model_name or args.model, host=args.host, port=args.port,
+               max_pending_requests=args.max_pending_requests, default_max_tokens=args.max_tokens)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -91,7 +92,16 @@ def main(argv: list[str] | None = None) -> None:
     gen.add_argument("prompt")
     gen.add_argument("--raw", action="store_true", help="send the prompt as plain text, without the chat template")
     _engine_args(gen)
-    _engine_args(sub.add_parser("chat", help="interactive streaming chat"))
+    chat_parser = sub.add_parser("chat", help="interactive streaming chat")
+    _engine_args(chat_parser)
+    chat_parser.add_argument("--server", default=None, help="talk to a running `minillm serve` at this URL instead")
+    server = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (FastAPI + uvicorn)")
+    _engine_args(server)
+    server.add_argument("--host", default="127.0.0.1", help="0.0.0.0 serves other machines too")
+    server.add_argument("--port", type=int, default=8000)
+    server.add_argument("--served-model-name", default=None, help="the model's name in the API (default: --model)")
+    server.add_argument("--max-pending-requests", type=int, default=256,
+                        help="requests in flight before new ones get 429 (a bounded queue)")
     sub.add_parser("bench", help="benchmarks: python -m minillm bench --help")
     sub.add_parser("course", help="course tooling: python -m minillm course --help")
     sub.add_parser("doctor", help="print what this machine offers minillm")
@@ -100,6 +110,8 @@ def main(argv: list[str] | None = None) -> None:
         generate(args)
     elif args.command == "chat":
         chat(args)
+    elif args.command == "serve":
+        serve(args)
     elif args.command == "doctor":
         import minillm
 

@@ -75,6 +75,7 @@ class LLM:
         num_kv_blocks: int | None = None,
         enable_prefix_caching: bool = True,
         scheduler: str = "continuous",
+        enable_chunked_prefill: bool = True,
         max_model_len: int | None = None,
         tokenizer: Any = None,
         kv_cache_dtype: str | None = None,
@@ -144,6 +145,7 @@ class LLM:
                 kv_cache, scheduler=scheduler, block_size=block_size, max_num_seqs=max_num_seqs,
                 max_num_batched_tokens=max_num_batched_tokens, num_kv_blocks=num_kv_blocks,
                 enable_prefix_caching=enable_prefix_caching, kv_cache_dtype=kv_cache_dtype,
+                enable_chunked_prefill=enable_chunked_prefill,
             )
             if self._tp is not None:
                 self._tp.attach(self.engine)  # workers size their pools like rank 0's; every step is broadcast
@@ -265,11 +267,19 @@ class LLM:
                 return
             if not self.engine.has_unfinished():
                 raise RuntimeError("the engine has nothing left to run but a request is unfinished; please report this")
+            self.step()
+
+    def step(self) -> list[Sequence]:
+        """One engine step for every queued request (a server's engine thread calls this in a loop); returns the
+        sequences that got a token. Holds the lock, so other threads may submit and abort meanwhile."""
+        self._check_driver()
+        with self._lock:
+            if not self.engine.has_unfinished():
+                return []
             if self._tp is None:
-                self.engine.step()
-            else:
-                with self._tp.step():  # every rank runs the step; a Ctrl-C waits for its end
-                    self.engine.step()
+                return self.engine.step()
+            with self._tp.step():  # every rank runs the step; a Ctrl-C waits for its end
+                return self.engine.step()
 
     def _abort_unfinished(self, seqs: list[Sequence]) -> None:
         with self._lock:
