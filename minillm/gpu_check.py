@@ -102,6 +102,9 @@ TOPICS: dict[str, TopicPlan] = {
     # Tensor parallelism needs >= 2 GPUs: on one GPU the topic only records why it skipped; on several, W = 1 and 2
     # at the quick size. The dry run: W = 1 on the CPU, a few tokens (tests/test_bench_tp.py runs W = 2).
     "tp": TopicPlan(("--quick", "--world-sizes", "1,2"), ("--quick", "--world-sizes", "1"), 10.0),
+    # On a GPU 48 requests at 8 and 32 req/s (the benchmark's own default, 200 requests at five rates, is minutes of
+    # Poisson arrivals per system); the dry run: the quick size with 3 requests, both systems, two rates.
+    "serve": TopicPlan(("--num-requests", "48", "--rates", "8,32"), ("--quick", "--num-requests", "3"), 20.0),
     # On a GPU half the default 256 requests (still 64 sequences per step, lengths 64..512): four systems serve the
     # workload one after another, and at 256 transformers' two alone could take minutes. The dry run leaves out
     # transformers' peers, whose model load doubles its time; the engine benchmark's own CPU run covers them.
@@ -109,7 +112,7 @@ TOPICS: dict[str, TopicPlan] = {
         ("--num-requests", "128"),
         ("--num-requests", "4", "--min-len", "4", "--max-len", "8", "--max-num-seqs", "2", "--repeats", "1",
          "--peers", "minillm_continuous,minillm_static"),
-        45.0,
+        25.0,
     ),
 }
 

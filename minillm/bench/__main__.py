@@ -17,7 +17,7 @@ from types import ModuleType
 import minillm.bench
 
 # Course order for `all` and `--help`; topics not listed here follow in alphabetical order.
-COURSE_ORDER = ("roofline", "attention", "kvcache", "paged", "engine", "quant", "prune", "distill", "spec")
+COURSE_ORDER = ("roofline", "attention", "kvcache", "paged", "engine", "quant", "prune", "distill", "spec", "serve")
 NOT_TOPICS = {"common"}
 
 

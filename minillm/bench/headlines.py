@@ -123,6 +123,18 @@ def tp_headline(r: dict) -> dict[str, Any]:
     return h
 
 
+def serve_headline(r: dict) -> dict[str, Any]:
+    h: dict[str, Any] = {}
+    if r["max_goodput_ratio"] is not None:
+        h[f"continuous / {r['peer']} max goodput"] = r["max_goodput_ratio"]
+    for name, s in r["systems"].items():
+        h[f"{name}: max goodput req/s"] = s["max_goodput"]
+        h[f"{name}: knee req/s"] = s["knee_rate"]
+        h.update({f"{name} {row['rate']:g} req/s error": row["error"] for row in s["rows"] if "error" in row})
+    h.update({f"{name} error": e for name, e in r["errors"].items()})
+    return h
+
+
 def key_numbers(r: dict) -> dict[str, Any]:
     """For a topic without a headline function: its top-level numbers."""
     return {k: v for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -130,4 +142,5 @@ def key_numbers(r: dict) -> dict[str, Any]:
 
 HEADLINES = {"roofline": roofline_headline, "attention": attention_headline, "kvcache": kvcache_headline,
              "paged": paged_headline, "quant": quant_headline, "prune": prune_headline, "distill": distill_headline,
-             "engine": engine_headline, "spec": spec_headline, "decode": decode_headline, "tp": tp_headline}
+             "engine": engine_headline, "spec": spec_headline, "decode": decode_headline, "tp": tp_headline,
+             "serve": serve_headline}

@@ -461,7 +461,7 @@ class TokenMasker:
         for i, text in enumerate(self.token_strings[: self.vocab_size]):
             if text:
                 self._tokens_by_first_char.setdefault(text[0], []).append((i, text[1:]))
-        self._masks: dict[State, torch.Tensor] = {}
+        self.masks: dict[State, torch.Tensor] = {}
 
     def mask(self, state: State) -> torch.Tensor:
         """The allowed tokens of `state` as a bool tensor (V,) on the CPU, built on first use and then read-only.
@@ -470,7 +470,7 @@ class TokenMasker:
         continue, e.g. a regex char no token spells): ending there gives invalid text, but sampling among
         all-forbidden logits would give garbage and never stop.
         """
-        if state not in self._masks:
+        if state not in self.masks:
             step, allowed = self.grammar.step, []
             for first_char, tokens in self._tokens_by_first_char.items():
                 after_first = step(state, first_char)
@@ -480,8 +480,8 @@ class TokenMasker:
                 allowed += self.eos_token_ids
             mask = torch.zeros(self.vocab_size, dtype=torch.bool)  # (V,)
             mask[allowed] = True
-            self._masks[state] = mask
-        return self._masks[state]
+            self.masks[state] = mask
+        return self.masks[state]
 
     def advance(self, state: State, token_id: int) -> State | None:
         """The state after token `token_id`; None for a token the grammar refuses (end-of-sequence included)."""
