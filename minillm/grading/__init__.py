@@ -43,6 +43,7 @@ from minillm.grading.ch08_distillation import *  # noqa: F401,F403
 from minillm.grading.ch09_speculative_decoding import *  # noqa: F401,F403
 from minillm.grading.ch10_fast_decoding import *  # noqa: F401,F403
 from minillm.grading.ch11_tensor_parallelism import *  # noqa: F401,F403
+from minillm.grading.ch12_serving import *  # noqa: F401,F403
 from minillm.grading.framework import (  # noqa: F401
     SEED_VARIABLE,
     Exercise,

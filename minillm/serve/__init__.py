@@ -10,6 +10,8 @@ Modules, one idea each:
     protocol.py      OpenAI's request/response objects and server-sent events
     app.py           the FastAPI routes, errors in OpenAI's JSON shape, and a server started in a background thread
     metrics.py       Prometheus text: running/waiting requests, KV blocks, preemptions, prefix hits, TTFT/TPOT
-    structured.py    structured output: logits masked by a small automaton (JSON object, a regex)
+    structured.py    structured output: logits masked by a small automaton, one mask per automaton state
+    json_grammar.py  the automaton of one JSON object (bounded nesting: finitely many states)
+    regex_grammar.py the automaton of a regex subset (Thompson's construction, simulated as a lazy DFA)
     loadgen.py       Poisson arrivals, a replayable trace, streamed requests, percentiles and goodput
 """

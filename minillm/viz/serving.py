@@ -74,7 +74,8 @@ def describe_load(record: dict) -> str:
     slo = results["slo"]
     parts = []
     for name, s in results["systems"].items():
-        knee = f"knee at {s['knee_rate']:g} req/s" if s["knee_rate"] is not None else "no rate met the SLO"
+        knee = (f"knee at {s['knee_rate']:g} req/s" if s["knee_rate"] is not None
+                else "no knee: at no rate did 90% of its requests meet the SLO")
         parts.append(f"**{name}** {s['max_goodput']:.2f} req/s at best ({knee})")
     ratio = results.get("max_goodput_ratio")
     verdict = f"; continuous batching's best goodput is **{ratio:.1f}x** {results['peer']}'s" if ratio else ""
