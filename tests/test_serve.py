@@ -30,8 +30,9 @@ CHAT = [{"role": "user", "content": "Name three colors."}]
 
 
 @pytest.fixture(scope="module")
-def llm():
-    return minillm.LLM(MODEL, max_num_seqs=8, max_num_batched_tokens=256)
+def llm(smollm):
+    model, tok = smollm  # the session's model: an LLM never changes the model it is given
+    return minillm.LLM(model, tokenizer=tok, max_num_seqs=8, max_num_batched_tokens=256)
 
 
 @pytest.fixture(scope="module")
