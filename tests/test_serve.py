@@ -7,6 +7,7 @@ time and targets only 127.0.0.1.
 import asyncio
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -283,16 +284,24 @@ def test_chat_survives_ctrl_c_and_a_message_longer_than_the_context(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "minillm", "chat", "--max-tokens", "300", "--temperature", "0"],
         cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-        start_new_session=True)
+        start_new_session=True,
+        # A terminal's Ctrl-C, even where this test runs with SIGINT ignored (nohup, CI): ignored stays ignored
+        # across exec, and Python then never raises KeyboardInterrupt.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         out = ""
 
-        def read_until(marker: str, timeout_s: float = 120) -> str:
+        def read_more(timeout_s: float) -> None:
             nonlocal out
+            readable, _, _ = select.select([proc.stdout], [], [], timeout_s)
+            if readable:
+                out += os.read(proc.stdout.fileno(), 4096).decode(errors="replace")
+
+        def read_until(marker: str, timeout_s: float = 120) -> str:
             deadline = time.monotonic() + timeout_s
             while marker not in out:
-                assert time.monotonic() < deadline and proc.poll() is None, out
-                out += os.read(proc.stdout.fileno(), 4096).decode()
+                assert time.monotonic() < deadline and proc.poll() is None, f"waiting for {marker!r}:\n{out}"
+                read_more(min(1.0, max(0.0, deadline - time.monotonic())))
             return out
 
         read_until("you> ")
@@ -300,8 +309,10 @@ def test_chat_survives_ctrl_c_and_a_message_longer_than_the_context(tmp_path):
         proc.stdin.flush()
         read_until("bot> ")
         start = len(out)
+        deadline = time.monotonic() + 120
         while len(out) - start < 40:  # the answer is streaming: interrupt it
-            out += os.read(proc.stdout.fileno(), 4096).decode()
+            assert time.monotonic() < deadline and proc.poll() is None, out
+            read_more(1.0)
         proc.send_signal(signal.SIGINT)
         read_until("[stopped]")
         read_until("you> ")

@@ -311,7 +311,9 @@ def start_server(llm: LLM, model_name: str = "smollm2-135m", host: str = "127.0.
 
 
 def serve(llm: LLM, model_name: str, host: str = "127.0.0.1", port: int = 8000, **options) -> None:
-    """Serve in the foreground until Ctrl-C (uvicorn then finishes the open responses and stops the engine)."""
+    """Serve in the foreground until Ctrl-C: uvicorn gives open responses 5 s to finish, then cancels them (their
+    requests are aborted), and the engine thread stops."""
     import uvicorn
 
-    uvicorn.run(build_app(llm, model_name, **options), host=host, port=port, log_level="info")
+    uvicorn.run(build_app(llm, model_name, **options), host=host, port=port, log_level="info",
+                timeout_graceful_shutdown=5)
