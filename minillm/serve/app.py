@@ -43,6 +43,7 @@ from minillm.serve.protocol import (
     usage,
     usage_chunk,
 )
+from minillm.serve.structured import logits_processor_for
 
 log = logging.getLogger("minillm.serve")
 FINISH_REASONS = {"stop": "stop", "length": "length", "aborted": "abort"}  # engine -> OpenAI (vLLM's "abort")
@@ -108,8 +109,6 @@ def build_app(llm: LLM, model_name: str, max_pending_requests: int = 256, max_pe
         if problem:
             raise APIError(400, problem)
         try:
-            from minillm.serve.structured import logits_processor_for
-
             processor = logits_processor_for(body.response_format, body.guided_regex, llm.tokenizer,
                                              llm.eos_token_ids, llm.config.vocab_size)
             return SamplingParams(

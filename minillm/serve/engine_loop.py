@@ -177,6 +177,8 @@ class EngineLoop:
                                admission_key=key)
         with self._lock:
             self._streams[stream.request_id] = stream
+        if not self._thread.is_alive():  # it stopped since the check above: nobody else would end this stream
+            self._abort_all("the server is shutting down")
         self._wake.set()
         return stream
 
